@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:  `make test`  and  `make run`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= sd2.1-base
+PROMPT ?= a photo of an astronaut riding a horse on mars
+
+.PHONY: test test-all run weights bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	# torch first and pinned: 2.13.0 is the CPU wheel on this machine kind's disk.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)  ## the suite CI runs (slow and GPU tests skipped)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)  ## everything, slow tests included
+	$(BIN)/python -m pytest -q
+
+run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
+	$(BIN)/python -m sd "$(PROMPT)" --model $(MODEL) --weights weights/$(MODEL) -o out/sample.png
+
+weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights/README.md)
+	$(BIN)/python weights/fetch.py $(MODEL)
+
+bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
+	$(BIN)/python -m bench.modules
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

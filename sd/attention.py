@@ -1,0 +1,128 @@
+"""The one attention kernel, the sites that name attention layers, and the control interface.
+
+Every attention layer in this package (UNet self and cross, CLIP causal self, VAE mid-block)
+computes its output with `attention()`. UNet layers additionally hand their heads-split
+(q, k, v) to a control object when one is passed to `UNet.forward(..., ctrl=...)`:
+
+    out = ctrl(q, k, v, site)          # q: [B, H, Nq, D], k/v: [B, H, Nk, D] -> [B, H, Nq, D]
+
+A control may call the fused kernel, compute the explicit map with `attention_map()` and read or
+replace it, or return any other output. With `ctrl=None` the fused kernel runs and nothing else
+happens (training, torch.compile). The sampler sets `ctrl.step` and `ctrl.t` before every UNet
+call, so a control never has to count calls to know where it is.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with PyTorch's fused kernels (flash / memory-efficient / math)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def attention_map(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The explicit map softmax(q k^T / sqrt(d)) in fp32, differentiable: [..., Nq, Nk].
+
+    Scores are formed in fp32 because SD 2.1 (768-v) overflows fp16 in q k^T; upstream guards the
+    same spot with `upcast_attention`.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        n, m = scores.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def apply_map(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attn @ v, in fp32, returned in v's dtype (the explicit counterpart of `attention`)."""
+    return (attn @ v.float()).to(v.dtype)
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an attention layer sits in the UNet, fixed at construction.
+
+    `name` is the layer's state-dict prefix, e.g. "up_blocks.1.attentions.0.transformer_blocks.0
+    .attn2": the string a researcher sees in the checkpoint. `level` counts halvings of the latent
+    side, so the layer attends over (latent_h >> level) * (latent_w >> level) queries.
+    """
+
+    name: str
+    kind: str  # "self" or "cross"
+    place: str  # "down", "mid" or "up"
+    level: int
+
+
+class Control:
+    """Base control: plain fused attention. Subclass and override `__call__` to edit attention.
+
+    `step` (index into the sampling schedule, 0 first) and `t` (the diffusion timestep) are set by
+    the sampler before each UNet call. `prompts` is the number of prompts in the batch; under
+    classifier-free guidance the pipeline lays the batch out as [uncond x prompts, cond x prompts].
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.t = 0
+        self.prompts = 1
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site):
+        return attention(q, k, v)
+
+
+class StoreMaps(Control):
+    """Records attention maps per step and site while leaving outputs unchanged.
+
+    maps[step][site.name] is [B, H, Nq, Nk] (or [B, Nq, Nk] with `head_mean`), fp32. `keep`
+    chooses which sites to record (default: cross-attention only; self maps at 64x64 latents are
+    4096^2 per head). Unrecorded sites run the fused kernel.
+    """
+
+    def __init__(self, keep=lambda site: site.kind == "cross", head_mean: bool = True,
+                 device: str | torch.device | None = "cpu") -> None:
+        super().__init__()
+        self.keep, self.head_mean, self.device = keep, head_mean, device
+        self.maps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, q, k, v, site):
+        if not self.keep(site):
+            return attention(q, k, v)
+        attn = attention_map(q, k)
+        stored = attn.mean(1) if self.head_mean else attn
+        self.maps.setdefault(self.step, {})[site.name] = stored.detach().to(self.device)
+        return apply_map(attn, v)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0).
+
+    UNet layers get a `site` from the UNet at construction; a control, when given, computes the
+    output in place of the fused kernel. The VAE's mid-block variant has biases on q, k, v.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # .0 in the checkpoint; .1 was dropout
+        self.site: Site | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, ctrl=None):
+        context = x if context is None else context
+        split = "b n (h d) -> b h n d"
+        q = rearrange(self.to_q(x), split, h=self.heads)
+        k = rearrange(self.to_k(context), split, h=self.heads)
+        v = rearrange(self.to_v(context), split, h=self.heads)
+        out = attention(q, k, v) if ctrl is None else ctrl(q, k, v, self.site)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))

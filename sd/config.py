@@ -1,0 +1,117 @@
+"""Frozen configs for every SD 2.1 component, with named presets.
+
+Each preset mirrors the config.json shipped with the official weights (copies of the SD 2.1 ones
+live in tests/data/): text_encoder/config.json, vae/config.json, unet/config.json and
+scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1{,-base}.
+"""
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """OpenCLIP ViT-H/14 text tower as SD 2.x uses it (transformers CLIPTextConfig)."""
+
+    vocab_size: int = 49408
+    width: int = 1024
+    layers: int = 23  # OpenCLIP has 24; SD 2.x takes the penultimate layer's output
+    heads: int = 16
+    mlp_width: int = 4096
+    max_len: int = 77
+    pad_id: int = 0  # SD 2.x pads with id 0 ("!"); SD 1.x pads with 49407
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (diffusers vae/config.json); the same for every SD 1.x/2.x model."""
+
+    channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    image_channels: int = 3
+    latent_channels: int = 4
+    groups: int = 32
+    scaling: float = 0.18215  # latent std of the training set, from the LDM paper's configs
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel (diffusers unet/config.json)."""
+
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    attention: tuple[bool, ...] = (True, True, True, False)  # CrossAttn{Down,Up}Block2D or not
+    # diffusers calls this `attention_head_dim`, but SD 2.x configs store head COUNTS in it.
+    heads: tuple[int, ...] = (5, 10, 20, 20)
+    layers_per_block: int = 2
+    in_channels: int = 4
+    out_channels: int = 4
+    context_dim: int = 1024
+    groups: int = 32
+    # True for SD 2.1 (768-v): fp16 scores overflow in the reference's explicit path. Our explicit
+    # path always computes scores and softmax in fp32 and SDPA accumulates in fp32, so both
+    # values run the same code; the flag is kept so a config states what upstream states.
+    upcast_attention: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """DDIMScheduler as SD 2.1 ships it (scheduler/scheduler_config.json)."""
+
+    train_steps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: str = "epsilon"  # "epsilon" (2.1-base) or "v" (2.1, 768)
+    steps_offset: int = 1  # "leading" spacing shifted by one: 50 steps -> 981, 961, ..., 1
+
+    def __post_init__(self):
+        assert self.prediction in ("epsilon", "v"), f"unknown prediction {self.prediction!r}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    resolution: int = 512  # the image side the model was trained at
+
+
+# stabilityai/stable-diffusion-2-1-base: 512 px, epsilon prediction.
+SD21_BASE = ModelConfig(name="sd2.1-base")
+
+# stabilityai/stable-diffusion-2-1: 768 px, v-prediction, upcast_attention true.
+SD21 = ModelConfig(
+    name="sd2.1",
+    unet=UNetConfig(upcast_attention=True),
+    schedule=ScheduleConfig(prediction="v"),
+    resolution=768,
+)
+
+# Tiny random model for CPU tests: every structural feature of SD 2.1 (several levels, a level
+# without attention, per-level head counts, skip bookkeeping, the real tokenizer) at toy widths.
+TINY = ModelConfig(
+    name="tiny",
+    text=TextConfig(width=32, layers=2, heads=4, mlp_width=64),
+    vae=VAEConfig(channels=(32, 64), layers_per_block=1, groups=8),
+    unet=UNetConfig(
+        channels=(32, 64, 64),
+        attention=(True, True, False),
+        heads=(2, 4, 4),
+        layers_per_block=2,
+        context_dim=32,
+        groups=8,
+    ),
+    resolution=64,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD21_BASE, SD21, TINY)}
+
+
+def preset(name: str, prediction: str | None = None) -> ModelConfig:
+    """The named preset, optionally with its prediction type overridden ("epsilon" or "v")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    if prediction is not None:
+        cfg = replace(cfg, schedule=replace(cfg.schedule, prediction=prediction))
+    return cfg

@@ -1,0 +1,273 @@
+"""The SD 2.x UNet (diffusers UNet2DConditionModel), every parameter named as its checkpoint key.
+
+Shape of the network, for channels (320, 640, 1280, 1280) and a 64x64 latent:
+    conv_in -> down_blocks 0..3 (64, 32, 16, 8 px; attention in the first three) -> mid_block
+    -> up_blocks 0..3 (8, 16, 32, 64 px; attention in the last three) -> conv_out
+Every resnet and downsampler output is kept as a skip and concatenated, last first, to the
+up-block resnet inputs (layers_per_block + 1 resnets per up block).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sd.attention import Attention, Site
+from sd.config import UNetConfig
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype (as LDM's GroupNorm32): fp16 variance
+    over 64x64x40 values loses precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, [cos, sin] order (diffusers flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs.to(t.device)[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """ResnetBlock2D: GroupNorm-SiLU-conv twice, the time embedding added in between."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, emb_dim: int | None, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        if emb_dim is not None:
+            self.time_emb_proj = nn.Linear(emb_dim, c_out)
+        self.norm2 = GroupNorm(groups, c_out, eps=eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.conv_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if emb is not None:
+            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. The VAE pads (0, 1, 0, 1) asymmetrically; the UNet pads 1 all round."""
+
+    def __init__(self, channels: int, asymmetric: bool = False):
+        super().__init__()
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize (to `size` if given, else 2x) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            size = (x.shape[-2] * 2, x.shape[-1] * 2)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width; first half is the value, second half the exact-GELU gate."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is a parameterless dropout in the checkpoint's module list; keep the indices.
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """BasicTransformerBlock: pre-LN self-attention, cross-attention to the text, GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), ctrl=ctrl)
+        x = x + self.attn2(self.norm2(x), context, ctrl=ctrl)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer2DModel with linear projections (SD 2.x `use_linear_projection`)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = GroupNorm(groups, dim, eps=1e-6)  # 1e-6 here, 1e-5 in the resnets (LDM)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim)])
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        for block in self.transformer_blocks:
+            y = block(y, context, ctrl)
+        return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+
+
+class Block(nn.Module):
+    """A down, mid or up block: resnets, each optionally followed by a spatial transformer."""
+
+    def __init__(self, resnets: list[ResBlock], attentions: list[SpatialTransformer] | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
+        self.checkpointing = False
+
+    def layer(self, i: int, x, emb, context, ctrl):
+        """Resnet i, then attention i if the block has attention (checkpointed when training)."""
+        run = self._layer
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, i, x, emb, context, ctrl, use_reentrant=False)
+        return run(i, x, emb, context, ctrl)
+
+    def _layer(self, i, x, emb, context, ctrl):
+        x = self.resnets[i](x, emb)
+        if hasattr(self, "attentions"):
+            x = self.attentions[i](x, context, ctrl)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, n, groups = cfg.channels, len(cfg.channels), cfg.groups
+        emb_dim = 4 * ch[0]
+
+        def res(c_in, c_out):
+            return ResBlock(c_in, c_out, groups, emb_dim, eps=1e-5)
+
+        def attn(level, c, count):
+            if not cfg.attention[level]:
+                return None
+            return [SpatialTransformer(c, cfg.heads[level], cfg.context_dim, groups)
+                    for _ in range(count)]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = nn.Module()
+        self.time_embedding.linear_1 = nn.Linear(ch[0], emb_dim)
+        self.time_embedding.linear_2 = nn.Linear(emb_dim, emb_dim)
+
+        skips = [ch[0]]  # channels of every skip tensor, in the order the down path makes them
+        self.down_blocks = nn.ModuleList()
+        for i, c in enumerate(ch):
+            c_prev = ch[max(i - 1, 0)]
+            block = Block(
+                [res(c_prev if j == 0 else c, c) for j in range(cfg.layers_per_block)],
+                attn(i, c, cfg.layers_per_block),
+            )
+            skips += [c] * cfg.layers_per_block
+            if i < n - 1:
+                block.downsamplers = nn.ModuleList([Downsample(c)])
+                skips.append(c)
+            self.down_blocks.append(block)
+
+        self.mid_block = Block([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
+                               [SpatialTransformer(ch[-1], cfg.heads[-1], cfg.context_dim, groups)])
+
+        self.up_blocks = nn.ModuleList()
+        c_prev = ch[-1]
+        for i, c in enumerate(reversed(ch)):
+            level = n - 1 - i
+            count = cfg.layers_per_block + 1
+            resnets = []
+            for j in range(count):
+                resnets.append(res((c_prev if j == 0 else c) + skips.pop(), c))
+            block = Block(resnets, attn(level, c, count))
+            if level > 0:
+                block.upsamplers = nn.ModuleList([Upsample(c)])
+            self.up_blocks.append(block)
+            c_prev = c
+        assert not skips, "every skip connection must be consumed by an up-block resnet"
+
+        self.conv_norm_out = GroupNorm(groups, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+        # Name every attention layer after its state-dict prefix, once and for all.
+        for name, module in self.named_modules():
+            if isinstance(module, Attention):
+                place = name.split("_")[0]
+                index = n - 1 if place == "mid" else int(name.split(".")[1])
+                level = {"down": index, "mid": n - 1, "up": n - 1 - index}[place]
+                kind = "self" if name.endswith("attn1") else "cross"
+                module.site = Site(name, kind, place, level)
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every attention site, in execution order."""
+        return [m.site for m in self.modules() if isinstance(m, Attention)]
+
+    def set_checkpointing(self, on: bool = True) -> None:
+        """Recompute block activations in the backward pass (saves memory when training)."""
+        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
+            block.checkpointing = on
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+        """Predict noise (or v) for latents x [B, 4, h, w] at timestep(s) t given text context."""
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)
+        emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb)))
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, x, emb, context, ctrl)
+                skips.append(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block.resnets[0](x, emb)
+        x = self.mid_block.attentions[0](x, context, ctrl)
+        x = self.mid_block.resnets[1](x, emb)
+
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), emb, context, ctrl)
+            if hasattr(block, "upsamplers"):
+                # Upsample to the next skip's size, so latents of odd sides still line up.
+                x = block.upsamplers[0](x, size=skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
