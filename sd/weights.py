@@ -13,6 +13,7 @@ full 24-block OpenCLIP text tower); `_from_ldm` renames it as diffusers' convert
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def read(file: str | Path) -> dict[str, torch.Tensor]:
             return load_file(file)
         sd = torch.load(file, map_location="cpu", weights_only=True)
         return sd.get("state_dict", sd)
-    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise WeightsError(f"{file}: cannot be read ({e}). The file is probably incomplete or "
                            "corrupt: delete it and download it again (`make weights`).") from e
 

@@ -16,13 +16,14 @@ from sd.weights import build, diffusers_config
 
 DATA = Path(__file__).parent / "data"
 
-# SD 2.1's exact structure (4 levels, 2 resnets per block, 23 text layers) at toy widths: every
-# checkpoint key name of the real model exists here, so layout tests use the real key inventory.
+# SD 2.1's exact structure (4 levels, 2 resnets per block, 23 text layers, channel changes at the
+# same places) at toy widths: every checkpoint key name of the real model exists here, so layout
+# tests use the real key inventory.
 SD21_NAMES = ModelConfig(
     name="sd2.1-names",
     text=TextConfig(width=32, layers=23, heads=4, mlp_width=64),
-    vae=VAEConfig(channels=(32, 32, 64, 64), groups=8),
-    unet=UNetConfig(channels=(32, 32, 64, 64), heads=(2, 2, 4, 4), context_dim=32, groups=8),
+    vae=VAEConfig(channels=(16, 32, 64, 64), groups=8),
+    unet=UNetConfig(channels=(32, 48, 64, 64), heads=(2, 3, 4, 4), context_dim=32, groups=8),
 )
 
 
