@@ -32,6 +32,11 @@ class VAEConfig:
     groups: int = 32
     scaling: float = 0.18215  # latent std of the training set, from the LDM paper's configs
 
+    @property
+    def factor(self) -> int:
+        """Image side / latent side: every level but the last halves it (8 for SD)."""
+        return 2 ** (len(self.channels) - 1)
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -92,7 +97,7 @@ SD21 = ModelConfig(
 TINY = ModelConfig(
     name="tiny",
     text=TextConfig(width=32, layers=2, heads=4, mlp_width=64),
-    vae=VAEConfig(channels=(32, 64), layers_per_block=1, groups=8),
+    vae=VAEConfig(channels=(16, 16, 32, 32), layers_per_block=1, groups=8),
     unet=UNetConfig(
         channels=(32, 64, 64),
         attention=(True, True, False),

@@ -4,6 +4,7 @@ The references are parity oracles only: tests build them from the same config an
 random state dict into them, so any difference is a difference in the forward computation.
 """
 
+import gzip
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from sd.config import TINY, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from sd.tokenizer import VOCAB_FILE as TOKENIZER_VOCAB
 from sd.weights import build, diffusers_config
 
 DATA = Path(__file__).parent / "data"
@@ -85,3 +87,44 @@ def shipped(name: str) -> dict:
 
 __all__ = ["DATA", "SD21_NAMES", "randomize", "reference_unet", "reference_vae",
            "reference_text", "shipped", "replace"]
+
+
+def openai_bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def openai_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """simple_tokenizer.SimpleTokenizer.__init__'s encoder and merges, verbatim in logic."""
+    merges = gzip.open(TOKENIZER_VOCAB).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(openai_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return dict(zip(vocab, range(len(vocab)))), merges
+
+
+@pytest.fixture(scope="session")
+def vocab_files(tmp_path_factory):
+    """vocab.json and merges.txt as open_clip/CLIP's vocabulary is shipped for transformers."""
+    path = tmp_path_factory.mktemp("clip_vocab")
+    encoder, merges = openai_vocab()
+    (path / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+    (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path / "vocab.json"), str(path / "merges.txt")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(vocab_files):
+    """transformers' CLIPTokenizer as stabilityai/stable-diffusion-2-1's tokenizer/ configures it."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(*vocab_files, pad_token="!", model_max_length=77)

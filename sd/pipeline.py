@@ -1,0 +1,183 @@
+"""Text-to-image with classifier-free guidance and DDIM, plus image <-> latent helpers.
+
+Batch layout under classifier-free guidance, the one place it is defined: the UNet sees
+[uncond x n, cond x n] for n prompts, and `ctrl.prompts = n` tells controls so (with guidance 1
+the unconditional half is skipped and the batch is [cond x n]: the last n rows are always the
+conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_uncond)
+(Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from sd import ddim
+from sd.attention import Control, attention, attention_map, apply_map
+from sd.config import ModelConfig
+from sd.tokenizer import Tokenizer
+from sd.weights import Models, build, load
+
+
+def default_device_dtype() -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 (GroupNorm and explicit attention maps still run in fp32), else CPU fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+class Pipeline:
+    def __init__(self, models: Models, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
+        self.models, self.cfg = models, cfg
+        self.tokenizer = tokenizer or Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+        self.ac = ddim.alphas_cumprod(cfg.schedule)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, weights: str | Path | None, device=None, dtype=None):
+        """From weights in either layout; `weights=None` gives random weights (tests, demos)."""
+        d, t = default_device_dtype()
+        device, dtype = device or d, dtype or t
+        models = build(cfg, device, dtype) if weights is None else load(weights, cfg, device, dtype)
+        for m in (models.text_encoder, models.vae, models.unet):
+            m.eval().requires_grad_(False)
+        return cls(models, cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.models.unet.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """Prompts -> text context [B, 77, width]."""
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.models.text_encoder(ids)
+
+    def noise(self, n: int, height: int, width: int, seed: int | torch.Generator = 0):
+        """x_T drawn on the CPU in fp32, so a seed gives the same image on any device."""
+        f = self.cfg.vae.factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        x = torch.randn(n, self.cfg.unet.in_channels, height // f, width // f, generator=g)
+        return x.to(self.device, self.dtype)
+
+    def guided(self, x, t, cond, uncond, guidance: float, ctrl: Control | None):
+        """One guided model evaluation, as epsilon or v (whatever the model predicts)."""
+        if guidance == 1.0:  # the unconditional half cancels out: save half the work
+            return self.models.unet(x, t, cond, ctrl)
+        out = self.models.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), ctrl)
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, cond: torch.Tensor, uncond, steps: int = 50,
+               guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text)."""
+        if ctrl is not None:
+            ctrl.prompts = x.shape[0]
+        ts = ddim.timesteps(steps, self.cfg.schedule)
+        pred = self.cfg.schedule.prediction
+        for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="sampling")):
+            if ctrl is not None:
+                ctrl.step, ctrl.t = i, t
+            u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
+            out = self.guided(x, t, cond, u, guidance, ctrl)
+            t_prev = ddim.previous(t, steps, self.cfg.schedule)
+            x = ddim.step(out, x, t, t_prev, self.ac, pred, eta, generator).to(x.dtype)
+        return x
+
+    def __call__(self, prompts: str | list[str], negative: str | list[str] = "", steps: int = 50,
+                 guidance: float = 7.5, seed: int | torch.Generator = 0,
+                 latents: torch.Tensor | None = None, height: int | None = None,
+                 width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
+                 output: str = "pil", progress: bool = False):
+        """Text-to-image: PIL images (output="pil") or final latents (output="latent")."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        if latents is None:  # the same generator then draws the eta > 0 noise, as diffusers does
+            side = self.cfg.resolution
+            latents = self.noise(len(prompts), height or side, width or side, g)
+        cond = self.encode_prompt(prompts).to(self.dtype)
+        uncond = self.encode_prompt(negative).to(self.dtype)
+        x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
+                        eta, g, progress)
+        return x if output == "latent" else to_pil(self.decode(x))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], [B, 3, H, W]."""
+        images = self.models.vae.decode(latents / self.cfg.vae.scaling)
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, image: "Image.Image | str | Path", height: int | None = None,
+               width: int | None = None, generator: torch.Generator | None = None):
+        """An image -> scaled latents [1, 4, H/8, W/8] (posterior mean unless a generator)."""
+        x = load_image(image, height or self.cfg.resolution, width or self.cfg.resolution)
+        posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
+        z = posterior.mean if generator is None else posterior.sample(generator)
+        return z * self.cfg.vae.scaling
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
+    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def load_image(image: "Image.Image | str | Path", height: int, width: int) -> torch.Tensor:
+    """Open, apply EXIF orientation, convert to RGB, resize to cover and centre-crop: [1,3,H,W]."""
+    if height % 64 or width % 64:
+        raise ValueError(f"image size must be a multiple of 64, got {height}x{width}")
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{image}: cannot be read as an image ({e})") from e
+    image = ImageOps.exif_transpose(image).convert("RGB")  # palette, RGBA, CMYK, L, I;16 ...
+    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+class HeatMap(Control):
+    """Sums the cross-attention maps of chosen token positions over steps, layers and heads.
+
+    Only the conditional half of the batch is read; maps of every resolution are resized to the
+    latent's and accumulated on the fly, so memory stays at [prompts, tokens, h, w].
+    """
+
+    def __init__(self, tokens: list[int], latent_hw: tuple[int, int]):
+        super().__init__()
+        self.tokens, self.hw = tokens, latent_hw
+        self.total: torch.Tensor | None = None
+
+    def __call__(self, q, k, v, site):
+        if site.kind != "cross":
+            return attention(q, k, v)
+        attn = attention_map(q, k)  # [B, heads, h*w, 77]
+        cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
+        w = self.hw[1]
+        for _ in range(site.level):  # each UNet downsampler maps a side n to ceil(n / 2)
+            w = (w + 1) // 2
+        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), -1, w)
+        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
+        self.total = maps if self.total is None else self.total + maps
+        return apply_map(attn, v)
+
+    def normalised(self) -> torch.Tensor:
+        """[prompts, tokens, h, w] scaled to [0, 1] per map."""
+        m = self.total.float()
+        lo = m.flatten(2).min(-1).values[..., None, None]
+        hi = m.flatten(2).max(-1).values[..., None, None]
+        return (m - lo) / (hi - lo).clamp_min(1e-8)
