@@ -63,6 +63,19 @@ class TextEncoder(nn.Module):
         self.encoder.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.layers)])
         self.final_layer_norm = nn.LayerNorm(cfg.width)
 
+    def add_tokens(self, vectors: torch.Tensor) -> None:
+        """Append rows [n, width] to the token embedding (ids len(vocab)...; textual inversion)."""
+        old = self.embeddings.token_embedding
+        w = old.weight
+        if vectors.shape[-1] != w.shape[1]:
+            raise ValueError(f"learned embeddings have width {vectors.shape[-1]}, this text "
+                             f"encoder {w.shape[1]}: they were trained for another model")
+        new = nn.Embedding(w.shape[0] + len(vectors), w.shape[1], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(torch.cat([w, vectors.to(w)]))
+        new.weight.requires_grad_(w.requires_grad)
+        self.embeddings.token_embedding = new
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> per-token context [B, 77, width] for the UNet's cross-attention."""
         x = self.embeddings.token_embedding(ids)

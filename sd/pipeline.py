@@ -18,7 +18,7 @@ from sd import ddim
 from sd.attention import Control, attention, attention_map, apply_map
 from sd.config import ModelConfig
 from sd.tokenizer import Tokenizer
-from sd.weights import Models, build, load
+from sd.weights import Models, build, load, read
 
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
@@ -43,6 +43,15 @@ class Pipeline:
         for m in (models.text_encoder, models.vae, models.unet):
             m.eval().requires_grad_(False)
         return cls(models, cfg)
+
+    def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
+        """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
+        vectors = file_or_vectors
+        if not isinstance(vectors, dict):
+            vectors = read(file_or_vectors)
+        ids = self.tokenizer.add_tokens(list(vectors))
+        self.models.text_encoder.add_tokens(torch.stack(list(vectors.values())))
+        return ids
 
     @property
     def device(self) -> torch.device:
@@ -97,8 +106,13 @@ class Pipeline:
                  guidance: float = 7.5, seed: int | torch.Generator = 0,
                  latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
-                 output: str = "pil", progress: bool = False):
-        """Text-to-image: PIL images (output="pil") or final latents (output="latent")."""
+                 uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
+                 progress: bool = False):
+        """Text-to-image: PIL images (output="pil") or final latents (output="latent").
+
+        `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
+        inversion's optimised embeddings).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
@@ -108,7 +122,8 @@ class Pipeline:
             side = self.cfg.resolution
             latents = self.noise(len(prompts), height or side, width or side, g)
         cond = self.encode_prompt(prompts).to(self.dtype)
-        uncond = self.encode_prompt(negative).to(self.dtype)
+        if uncond is None:
+            uncond = self.encode_prompt(negative).to(self.dtype)
         x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
                         eta, g, progress)
         return x if output == "latent" else to_pil(self.decode(x))

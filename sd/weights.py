@@ -319,3 +319,28 @@ def save(folder: str | Path, cfg: ModelConfig, fp16: bool = False, **modules: nn
         _atomic(lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}), file)
         text = json.dumps(diffusers_config(cfg, name), indent=2)
         _atomic(lambda tmp: tmp.write_text(text), file.parent / "config.json")
+
+
+def detect_preset(path: str | Path) -> tuple[str, str]:
+    """Which SD 2.1 variant a weights path holds, and why we think so.
+
+    Nothing in the tensors says epsilon or v (both variants have identical shapes), so this reads
+    the MODEL file written by weights/fetch.py, a diffusers scheduler config, or the file name.
+    """
+    path = Path(path)
+    marker = path / "MODEL"
+    if marker.is_file():
+        fields = dict(line.split("=", 1) for line in marker.read_text().split() if "=" in line)
+        if fields.get("preset") in ("sd2.1", "sd2.1-base"):
+            return fields["preset"], f"{marker} says so"
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        v = json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction"
+        return ("sd2.1" if v else "sd2.1-base"), f"{scheduler} gives its prediction type"
+    name = path.name.lower()
+    if "768" in name:
+        return "sd2.1", f"the name {path.name!r} contains 768"
+    if "512" in name or "base" in name:
+        return "sd2.1-base", f"the name {path.name!r} contains 512 or base"
+    return "sd2.1-base", ("assumed: nothing in the weights says epsilon or v; pass --model sd2.1 "
+                          "for the 768 px v-prediction model")
