@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd.config import preset
+from sd.config import ModelConfig, preset
 from sd.pipeline import HeatMap, Pipeline, default_device_dtype
 from sd.weights import WeightsError, detect_preset
 
@@ -18,6 +18,7 @@ EPILOG = """examples:
   python -m sd "a photo of a corgi on the beach" --weights weights/sd2.1-base -o corgi.png
   python -m sd "a red circle" --model tiny --steps 10     # random tiny model: no download
   python -m sd "a cat wearing a hat" --heatmap cat hat   # also writes out_heatmap.png
+  python -m sd "a photo of <my-dog> on the moon" --concepts out/learned_embeds.safetensors
 
 Weights: `make weights` (or `python weights/fetch.py sd2.1-base`) downloads SD 2.1-base into
 weights/sd2.1-base; see weights/README.md. --weights also takes an original single-file
@@ -33,6 +34,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "toy-size weights for trying the code (default: from the weights)")
     p.add_argument("--weights", type=Path, help="diffusers folder or single-file checkpoint "
                    "(default: weights/sd2.1-base, or weights/MODEL with --model)")
+    p.add_argument("--concepts", nargs="+", type=Path, metavar="FILE",
+                   help="learned tokens from textual inversion (learned_embeds.safetensors)")
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
@@ -76,26 +79,34 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
     return out
 
 
+def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None, str]:
+    """The preset, the weights path (None: random tiny weights) and why that preset.
+
+    Raises WeightsError with the exact download instructions when the weights are absent.
+    """
+    if model == "tiny":
+        return preset("tiny"), weights, "random weights" if weights is None else "--model tiny"
+    name = model if model != "auto" else "sd2.1-base"
+    weights = weights or Path("weights") / name
+    if not weights.exists():
+        raise WeightsError(
+            f"No SD 2.1 weights at {weights}.\nDownload them (about 2.6 GB) with:\n"
+            f"    make weights MODEL={name}\nor: python weights/fetch.py {name}\n"
+            "See weights/README.md for the files, the mirrors and the licence. To try the "
+            "code without weights, use --model tiny (random weights).")
+    if model == "auto":
+        model, why = detect_preset(weights)
+        return preset(model), weights, why
+    return preset(model), weights, "chosen with --model"
+
+
 def main(argv=None) -> int:
     args = parse(argv)
-    name = args.model
-    if name == "tiny":
-        weights, why = args.weights, "random weights" if args.weights is None else ""
-    else:
-        weights = args.weights or Path("weights") / (name if name != "auto" else "sd2.1-base")
-        if not weights.exists():
-            model = name if name != "auto" else "sd2.1-base"
-            print(f"No SD 2.1 weights at {weights}.\n"
-                  f"Download them (about 2.6 GB) with:\n    make weights MODEL={model}\n"
-                  f"or: python weights/fetch.py {model}\n"
-                  "See weights/README.md for the files, the mirrors and the licence. To try the "
-                  "code without weights: python -m sd \"a prompt\" --model tiny", file=sys.stderr)
-            return 2
-        if name == "auto":
-            name, why = detect_preset(weights)
-        else:
-            why = "chosen with --model"
-    cfg = preset(name)
+    try:
+        cfg, weights, why = resolve(args.model, args.weights)
+    except WeightsError as e:
+        print(e, file=sys.stderr)
+        return 2
     device, dtype = default_device_dtype()
     device = torch.device(args.device) if args.device else device
     dtype = DTYPES[args.dtype] if args.dtype else (dtype if device.type == "cuda" else torch.float32)
@@ -103,6 +114,8 @@ def main(argv=None) -> int:
           f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:
         pipe = Pipeline.load(cfg, weights, device, dtype)
+        for file in args.concepts or []:
+            pipe.add_concepts(file)
         heat = None
         if args.heatmap:
             tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]

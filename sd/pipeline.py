@@ -49,8 +49,13 @@ class Pipeline:
         vectors = file_or_vectors
         if not isinstance(vectors, dict):
             vectors = read(file_or_vectors)
+        width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
+        rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
+        if len(rows) != len(vectors):
+            raise ValueError("one vector per learned token is supported, got "
+                             f"{len(rows)} vectors for {len(vectors)} tokens")
         ids = self.tokenizer.add_tokens(list(vectors))
-        self.models.text_encoder.add_tokens(torch.stack(list(vectors.values())))
+        self.models.text_encoder.add_tokens(rows)
         return ids
 
     @property

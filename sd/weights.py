@@ -331,7 +331,7 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
     marker = path / "MODEL"
     if marker.is_file():
         fields = dict(line.split("=", 1) for line in marker.read_text().split() if "=" in line)
-        if fields.get("preset") in ("sd2.1", "sd2.1-base"):
+        if fields.get("preset") in ("sd2.1", "sd2.1-base", "tiny"):
             return fields["preset"], f"{marker} says so"
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():

@@ -5,9 +5,7 @@ simple_tokenizer.py (what OpenCLIP, and so SD 2.x training, used) and transforme
 CLIPTokenizer configured as SD 2.x ships it (pad_token "!"), which diffusers' pipelines load.
 """
 
-import gzip
 import html
-import json
 import random
 import unicodedata
 import warnings
@@ -18,7 +16,7 @@ import torch
 
 from conftest import openai_bytes_to_unicode, openai_vocab
 
-from sd.tokenizer import VOCAB_FILE, Tokenizer
+from sd.tokenizer import Tokenizer
 
 MAX_LEN = 77
 BOS, EOS = 49406, 49407

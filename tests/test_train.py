@@ -1,0 +1,272 @@
+"""DreamBooth and textual inversion on the tiny preset: learning, checkpoints, resume, DDP."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).parent.parent
+
+from sd.config import TINY
+from sd.pipeline import Pipeline
+from sd.weights import load
+from train import dreambooth, textual_inversion
+from train.data import (Denoiser, ImageFolder, Run, UsageError, denoising_loss,
+                        draw, examples, find_checkpoint, load_modules, load_pipeline)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores, maybe shared: oversubscribed threads make tiny models 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def red_squares(folder: Path, n: int = 4, side: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (side, side), (30 * i, 60, 200))
+        ImageDraw.Draw(image).rectangle([8 + 4 * i, 12, 40 + 4 * i, 44], fill=(255, 0, 0))
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory) -> Path:
+    return red_squares(tmp_path_factory.mktemp("instances"))
+
+
+def db_args(instances: Path, out: Path, *extra: str):
+    return dreambooth.parse([str(instances), "--instance-prompt", "a photo of sks square",
+                             "--model", "tiny", "--lr", "1e-4", "-o", str(out), "-q", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(instances, tmp_path_factory):
+    """50 DreamBooth steps at batch 2 on 4 fixed images (centre crops)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("db")
+    args = db_args(instances, out, "--steps", "50", "--batch-size", "2", "--center-crop",
+                   "--checkpoint-every", "0")
+    return dreambooth.train(args), out
+
+
+# ------------------------------------------------------------------------------------ data
+
+def test_image_folder_skips_and_reports(tmp_path):
+    (tmp_path / "a.txt").write_text("not an image")
+    Image.new("RGB", (80, 64), "red").save(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").write_bytes((tmp_path / "b.jpg").read_bytes()[:300])  # truncated
+    Image.new("RGB", (48, 40), "blue").save(tmp_path / "c.png")  # smaller than 64
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    Image.new("RGB", (128, 64), "green").save(tmp_path / "d.jpg", exif=exif)
+    folder = ImageFolder(tmp_path, 64)
+    print(*folder.warnings, sep="\n")
+    assert folder.names == ["c.png", "d.jpg"]
+    assert "skipped 2 of 4 files: a.txt (not an image), b.jpg (truncated)" in folder.warnings[0]
+    assert "c.png (48x40)" in folder.warnings[1] and "upscaled" in folder.warnings[1]
+    assert folder.images[0].shape == (3, 64, 77)  # shorter side to 64, aspect kept
+    assert folder.images[1].shape == (3, 128, 64)  # EXIF orientation applied: now portrait
+    crops = folder.batch([0, 1], torch.rand(2, 3), 64, center_crop=False, flip=True)
+    assert crops.shape == (2, 3, 64, 64) and -1 <= crops.min() and crops.max() <= 1
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="empty"):
+        ImageFolder(empty, 64)
+    (empty / "x.txt").write_text("no")
+    with pytest.raises(UsageError, match="x.txt \\(not an image\\)"):
+        ImageFolder(empty, 64)
+
+
+def test_two_ranks_split_the_global_batch_of_one():
+    """rank r of 2 with batch b draws exactly examples r::2 of 1 process with batch 2b."""
+    latent = (4, 8, 8)
+    one = draw(torch.Generator().manual_seed(1), 3, 4, Run(), 2, latent, 1000)
+    for r in range(2):
+        mine = draw(torch.Generator().manual_seed(1), 3, 2, Run(r, 2), 2, latent, 1000)
+        assert torch.equal(mine.positions, one.positions[r::2])
+        assert torch.equal(mine.u, one.u[:, r::2])
+        rows = torch.arange(8).view(2, 4)[:, r::2].flatten()  # [instance x 2, class x 2]
+        assert torch.equal(mine.t, one.t[rows]) and torch.equal(mine.noise, one.noise[rows])
+
+
+# ------------------------------------------------------------------------------------ DreamBooth
+
+def test_dreambooth_loss_decreases(trained):
+    result, _ = trained
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    print(f"mean loss of steps 1-10: {first:.4f}, of steps 41-50: {last:.4f}")
+    assert last < 0.8 * first
+
+
+def test_checkpoint_loads_in_diffusers_and_ours(trained):
+    from diffusers import UNet2DConditionModel
+
+    result, out = trained
+    ours = load(out / "model", TINY)
+    theirs = UNet2DConditionModel.from_pretrained(out / "model" / "unet").eval()
+    for name, p in result.pipe.models.unet.state_dict().items():
+        assert torch.equal(p, ours.unet.state_dict()[name]), name
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        a = ours.unet(x, t, context)
+        b = theirs(x, t, encoder_hidden_states=context).sample
+    print(f"UNet ours vs diffusers from out/model: max abs diff {(a - b).abs().max():.2e}")
+    assert (a - b).abs().max() < 1e-5
+    assert (out / "model" / "MODEL").read_text().count("preset=tiny") == 1
+
+
+def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances, tmp_path,
+                                                                        monkeypatch):
+    extra = ["--steps", "6", "--checkpoint-every", "3", "--batch-size", "1", "--grad-accum",
+             "2", "--warmup-steps", "2", "--flip", "--train-text-encoder"]
+    whole = dreambooth.train(db_args(instances, tmp_path / "whole", *extra))
+
+    out = tmp_path / "killed"
+    real_save = torch.save
+
+    def dies_saving_checkpoint_6(obj, f, *a, **k):
+        if "checkpoint-6" in str(f):  # unet/ and text_encoder/ are already written
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dies_saving_checkpoint_6)
+    with pytest.raises(KeyboardInterrupt):
+        dreambooth.train(db_args(instances, out, *extra))
+    monkeypatch.undo()
+    assert (out / "checkpoint-6.tmp" / "unet").is_dir() and not (out / "checkpoint-6").exists()
+    folder = find_checkpoint(out, "latest")
+    assert folder.name == "checkpoint-3"
+    state = torch.load(folder / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    fresh = load_pipeline("tiny", None, torch.device("cpu"), 0)
+    load_modules(folder, unet=fresh.models.unet, text_encoder=fresh.models.text_encoder)
+
+    resumed = dreambooth.train(db_args(instances, out, *extra, "--resume", "latest"))
+    assert resumed.losses == whole.losses[3:]
+    for name in ("unet", "text_encoder"):
+        a = getattr(whole.pipe.models, name).state_dict()
+        b = getattr(resumed.pipe.models, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resuming"
+    print(f"resumed run == uninterrupted run, bit for bit; losses {resumed.losses}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    m = dreambooth.train(dreambooth.parse(argv)).pipe.models
+    torch.save({"unet": m.unet.state_dict(), "text_encoder": m.text_encoder.state_dict()},
+               f"{out}/rank{rank}.pt")
+
+
+def test_two_process_ddp_matches_one_process(instances, tmp_path):
+    """gloo on CPU; 2 ranks x batch 1 vs 1 process x batch 2, prior preservation, text encoder."""
+    import torch.multiprocessing as mp
+
+    common = [str(instances), "--instance-prompt", "a photo of sks square", "--model", "tiny",
+              "--lr", "1e-4", "--steps", "2", "--train-text-encoder", "--class-prompt",
+              "a photo of a square", "--class-dir", str(tmp_path / "class"),
+              "--num-class-images", "2", "--checkpoint-every", "0", "-q"]
+    red_squares(tmp_path / "class", n=1)  # one class image cached already: generate only one
+    argv = common + ["--batch-size", "1", "-o", str(tmp_path / "ddp")]
+    mp.spawn(_ddp_worker, (2, _free_port(), argv, str(tmp_path)), nprocs=2)
+    assert [f.name for f in sorted((tmp_path / "class").iterdir())] == ["0.png", "class-00000.png"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = dreambooth.train(dreambooth.parse(common + ["--batch-size", "2", "-o",
+                                                         str(tmp_path / "one")])).pipe.models
+    # Adam divides by sqrt(v): an element whose gradient is ~0 (summation-order noise) moves by up
+    # to +-lr either way, so the max abs diff is not a tolerance; the size of the difference
+    # relative to the whole update is.
+    init = load_pipeline("tiny", None, torch.device("cpu"), 0).models
+    for part in ("unet", "text_encoder"):
+        one, start = getattr(single, part).state_dict(), getattr(init, part).state_dict()
+        assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in one)
+        diff = torch.cat([(ranks[0][part][k] - v).flatten() for k, v in one.items()])
+        update = torch.cat([(v - start[k]).flatten() for k, v in one.items()])
+        rel = (diff.norm() / update.norm()).item()
+        print(f"{part}: rank 0 == rank 1 exactly; vs 1 process: max abs diff "
+              f"{diff.abs().max():.2e} (lr 1e-4), {(diff.abs() > 1e-6).sum()} of {diff.numel()} "
+              f"elements differ by > 1e-6, |diff| / |update| = {rel:.1e}")
+        assert rel < 1e-3
+
+
+# ------------------------------------------------------------------------- textual inversion
+
+def fixed_loss(pipe: Pipeline, prompt: str, instances: Path, n: int = 64) -> float:
+    """The denoising loss on n fixed draws: a paired before/after comparison, unlike the
+    training losses, whose random timesteps swamp what one embedding vector can change."""
+    d = draw(torch.Generator().manual_seed(123), 0, n, Run(), 1, (4, 8, 8), 1000)
+    folder = ImageFolder(instances, 64)
+    x = folder.batch(examples(len(folder), 0, d.positions), d.u[0], 64, True, False)
+    model = Denoiser(pipe.models.unet, pipe.models.text_encoder)
+    with torch.no_grad():
+        ids = pipe.tokenizer([prompt] * n)
+        return denoising_loss(model, pipe.models.vae, pipe.cfg, pipe.ac, x, ids, d).mean().item()
+
+
+def test_textual_inversion_learns_only_the_new_row(instances, tmp_path):
+    before = load_pipeline("tiny", None, torch.device("cpu"), 0)
+    table = "embeddings.token_embedding.weight"
+    square = before.tokenizer.encode("square")[0]
+    a = {k: v.clone() for k, v in before.models.text_encoder.state_dict().items()}
+    before.add_concepts({"<sks-square>": a[table][square]})
+    args = textual_inversion.parse([str(instances), "--token", "<sks-square>", "--init-word",
+                                    "square", "--model", "tiny", "--lr", "5e-2", "--steps", "30",
+                                    "--batch-size", "2", "--center-crop", "-o", str(tmp_path),
+                                    "-q", "--checkpoint-every", "0"])
+    result = textual_inversion.train(args)
+    prompt = "a photo of a <sks-square>"
+    start, end = fixed_loss(before, prompt, instances), fixed_loss(result.pipe, prompt, instances)
+    print(f"textual inversion: loss on 64 fixed draws {start:.5f} -> {end:.5f}; training loss "
+          f"steps 1-10 {sum(result.losses[:10]) / 10:.4f}, 21-30 "
+          f"{sum(result.losses[-10:]) / 10:.4f}")
+    assert end < start
+
+    after = result.pipe.models
+    for name in ("unet", "vae"):
+        old, new = getattr(before.models, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old), name
+    b = after.text_encoder.state_dict()
+    assert b[table].shape[0] == a[table].shape[0] + 1
+    assert torch.equal(b[table][:-1], a[table])  # every old row, bitwise
+    assert all(torch.equal(a[k], b[k]) for k in a if k != table)
+    assert not torch.equal(b[table][-1], a[table][square])  # the new row moved from its init
+
+    pipe = Pipeline(load_pipeline("tiny", None, torch.device("cpu"), 0).models, TINY)
+    pipe.add_concepts(tmp_path / "learned_embeds.safetensors")
+    assert torch.equal(pipe.models.text_encoder.state_dict()[table], b[table])
+
+
+# ------------------------------------------------------------------------------------ CLIs
+
+def test_help_and_clear_errors(instances, tmp_path, capsys):
+    for module in (dreambooth, textual_inversion):
+        with pytest.raises(SystemExit):
+            module.parse(["--help"])
+        assert "examples:" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert dreambooth.main([str(empty), "--instance-prompt", "x", "--model", "tiny"]) == 2
+    assert f"{empty}: the folder is empty" in capsys.readouterr().err
+    assert dreambooth.main([str(instances), "--instance-prompt", "x", "--model", "sd2.1",
+                            "--weights", str(tmp_path / "nothing")]) == 2
+    assert "make weights MODEL=sd2.1" in capsys.readouterr().err
+    assert textual_inversion.main([str(instances), "--token", "dog", "--model", "tiny"]) == 2
+    assert '"<my-dog>"' in capsys.readouterr().err
