@@ -32,8 +32,9 @@ class GroupNorm(nn.GroupNorm):
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding, [cos, sin] order (diffusers flip_sin_to_cos=True, freq_shift=0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs.to(t.device)[None]
+    # Built on t's device: a host-to-device copy here would block on every UNet call on CUDA.
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    angles = t.float()[:, None] * torch.exp(-math.log(10000) * k / half)[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
