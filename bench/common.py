@@ -88,7 +88,7 @@ def reference_text(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.
     return _load(ref, state_dict, device, dtype)
 
 
-# --------------------------------------------------------------------------- tokenizer (diffusers side)
+# --------------------------------------------------------------------------- diffusers tokenizer
 
 def clip_tokenizer(folder: str | Path, max_len: int = 77):
     """transformers' CLIPTokenizer over sd/data/bpe_simple_vocab_16e6.txt.gz, as SD 2.x ships it.
@@ -106,7 +106,8 @@ def clip_tokenizer(folder: str | Path, max_len: int = 77):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(VOCAB_FILE).read().decode("utf-8").split("\n")
+    with gzip.open(VOCAB_FILE) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
@@ -226,12 +227,14 @@ def alternate(ours, theirs, repeats: int, inner: int = 1, sync=None, log=None,
     """
     extra = repeats // 2 if extra is None else extra
     res = Pairwise(threshold=threshold)
+    firsts = {"a": 0, "b": 0}  # undisturbed pairs with ours / theirs first
     i = 0
     while len(res.clean) < repeats and i < repeats + extra:
         if i and res.others[-1] >= threshold and max_wait > 0:
             wait_quiet(threshold, max_wait, log)
+        # A disturbed pair is re-run in the same order, so the undisturbed ones stay balanced.
         order = [("a", ours), ("b", theirs)]
-        if i % 2:
+        if firsts["b"] < firsts["a"]:
             order.reverse()
         got, load = {}, 0.0
         for key, fn in order:
@@ -240,6 +243,8 @@ def alternate(ours, theirs, repeats: int, inner: int = 1, sync=None, log=None,
         res.a.append(got["a"])
         res.b.append(got["b"])
         res.others.append(load)
+        if load < threshold:
+            firsts[order[0][0]] += 1
         i += 1
         if log:
             flag = "" if load < threshold else "  DISTURBED"

@@ -26,10 +26,12 @@ import gc
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from bench import common
+from sd.config import preset
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars",
            "a watercolor painting of a lighthouse on a cliff at dawn"]
@@ -201,8 +203,8 @@ def unet_alone(cfg, ours, theirs, side: int, batch: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | diffusers | ours/diffusers median ratio (min-max) | "
-             "peak memory ours / diffusers | pairs | max abs diff |",
+    lines = [("| benchmark | ours | diffusers | ours/diffusers median ratio (min-max) | "
+             "peak memory ours / diffusers | pairs | max abs diff |"),
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = ("-" if r["peak_ours"] is None else
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     global DEVICE, DTYPE
     if args.smoke:
         DEVICE, DTYPE = torch.device("cpu"), torch.float32
+        # one thread: on a busy 2-core machine, 2 OpenMP threads make tiny models 100x slower
+        torch.set_num_threads(1)
         args.configs, args.steps, args.repeats, args.unet_repeats = "tiny", 3, 1, 2
         args.write = False
     elif not torch.cuda.is_available():
@@ -247,14 +251,17 @@ def main(argv=None) -> int:
         device = f"CPU smoke test, {common.versions()}"
     log(device)
     rows = []
-    for name in args.configs.split(","):
-        cfg = common.config(name)
+    cfgs = [common.config(name) for name in args.configs.split(",")]
+    if args.smoke:  # both prediction types
+        cfgs.append(replace(preset("tiny", "v"), name="tiny-v"))
+    for cfg in cfgs:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             ours, theirs = build(cfg, tmp)
             log(f"\n[{cfg.name}: built both pipelines in {time.perf_counter() - t0:.1f} s]")
             if not args.skip_unet:
-                rows.append(unet_alone(cfg, ours, theirs, UNET_SIDES.get(cfg.name, cfg.resolution // 8), 2,
+                side = UNET_SIDES.get(cfg.name, cfg.resolution // 8)
+                rows.append(unet_alone(cfg, ours, theirs, side, 2,
                                        args.unet_repeats))
             if not args.skip_generate:
                 for b in (int(v) for v in args.batches.split(",")):

@@ -1,18 +1,23 @@
 """CPU benchmark: our UNet, VAE decode and text encoder against diffusers / transformers.
 
     python -m bench.modules                       # full SD 2.1 (random weights) and tiny, ~10 min
+    python -m bench.modules --threads 1 --clock cpu   # the same on a shared (busy) machine
     python -m bench.modules --config tiny         # seconds
     python -m bench.modules --write               # also update the CPU section of BENCHMARKS.md
-    python -m bench.modules --config sd2.1-base --components unet --profile   # where time goes
+    python -m bench.modules --config sd2.1-base --components unet --unet-batch 1 --repeats 1 \
+        --threads 1 --clock cpu --profile         # where the UNet's time goes, op by op
 
 Method. Per module and config: build ours with random init (the module classes exactly as
 sd.weights.build constructs them, one component at a time to keep memory low), build the
 reference on the meta device and load a copy of OUR state dict into it, so both compute with the
 same weights in the same dtype (fp32) and thread count. Under torch.inference_mode(): warm up
 both (the warm-up outputs are compared: max abs diff), then time `repeats` pairs, each pair
-running ours and theirs once in a random order. Small models run several calls per sample (about
-0.2 s per sample). Reported: the median seconds per call of each, the median of the per-pair
-ratios ours/theirs (< 1: ours faster), and the smallest and largest per-pair ratio.
+running ours and theirs once, ours first in one pair and theirs first in the next. Small models
+run several calls per sample (about 0.2 s per sample). Reported: the median seconds per call of
+each, the median of the per-pair ratios ours/theirs (< 1: ours faster), and the smallest and
+largest per-pair ratio. With the wall clock (default), pairs during which other processes used
+>= 10% of the CPUs are re-run (see bench.common.alternate); with --clock cpu the CPU time of the
+process is timed instead, which ignores time spent descheduled (use it with --threads 1).
 """
 
 import argparse
@@ -172,10 +177,10 @@ def profile_pair(f_ours, f_theirs, calls: int = 1) -> str:
     names = sorted(set(ours) | set(theirs),
                    key=lambda k: -abs(ours.get(k, (0, 0))[1] - theirs.get(k, (0, 0))[1]))
     tot = [sum(v[1] for v in d.values()) for d in stats]
-    lines = [f"profile ({calls} call(s) each): self CPU total ours {tot[0]:.0f} ms, "
-             f"theirs {tot[1]:.0f} ms",
-             f"{'op':<44} {'calls ours':>10} {'theirs':>8} {'ms ours':>10} {'theirs':>10} "
-             f"{'diff':>9}"]
+    lines = [(f"profile ({calls} call(s) each): self CPU total ours {tot[0]:.0f} ms, "
+             f"theirs {tot[1]:.0f} ms"),
+             (f"{'op':<44} {'calls ours':>10} {'theirs':>8} {'ms ours':>10} {'theirs':>10} "
+             f"{'diff':>9}")]
     for k in names[:30]:
         (ca, ta), (cb, tb) = ours.get(k, (0, 0.0)), theirs.get(k, (0, 0.0))
         lines.append(f"{k[:44]:<44} {ca:>10} {cb:>8} {ta:>10.1f} {tb:>10.1f} {ta - tb:>+9.1f}")
@@ -195,7 +200,8 @@ def cases(configs: list[str], components: list[str], repeats: int | None,
         for comp in components:
             if comp == "unet":
                 for b in unet_batches:
-                    n = (7 if b == 1 else 3) if full else 20
+                    # even counts: as many pairs with ours first as with theirs first
+                    n = (6 if b == 1 else 4) if full else 20
                     out.append(Case(cfg, "unet", b, unet_side or latent, repeats or n))
             elif comp == "vae":
                 side = vae_side or (32 if full else latent)
@@ -203,7 +209,7 @@ def cases(configs: list[str], components: list[str], repeats: int | None,
                 if full and side < latent:
                     note = (f"decode at {side}x{side} latent, not {latent}x{latent}: "
                             "one full-size decode takes over 20 s on this CPU")
-                out.append(Case(cfg, "vae", 1, side, repeats or (5 if full else 20), note))
+                out.append(Case(cfg, "vae", 1, side, repeats or (6 if full else 20), note))
             elif comp == "text":
                 out.append(Case(cfg, "text", text_batch, cfg.text.max_len,
                                 repeats or (10 if full else 20)))
@@ -224,8 +230,8 @@ def pairs(r: dict) -> str:
 
 
 def table(results: list[dict], clock: str = "wall") -> str:
-    rows = ["| config | module (ours vs reference) | input | ours | reference | "
-            "ours/ref median ratio | ratio min-max | pairs | others' CPU use | max abs diff |",
+    rows = [("| config | module (ours vs reference) | input | ours | reference | "
+            "ours/ref median ratio | ratio min-max | pairs | others' CPU use | max abs diff |"),
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["case"]
@@ -252,8 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="sd2.1-base,tiny",
                    help="comma-separated presets: sd2.1-base (= sd21-base), sd2.1, tiny")
     p.add_argument("--components", default="unet,vae,text", help="comma-separated: unet,vae,text")
-    p.add_argument("--repeats", type=int, help="pairs per case (default: full UNet 7 at batch 1, 3 at "
-                   "batch 2; full VAE 5; full text 10; tiny 20)")
+    p.add_argument("--repeats", type=int,
+                   help="pairs per case; use an even number (default: full UNet 6 at batch 1, "
+                   "4 at batch 2; full VAE 6; full text 10; tiny 20)")
     p.add_argument("--threads", type=int, default=common.cpu_cores(),
                    help="torch.set_num_threads (default: all cores)")
     p.add_argument("--unet-batch", default="1,2",
