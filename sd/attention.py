@@ -61,17 +61,26 @@ class Site:
     place: str  # "down", "mid" or "up"
     level: int
 
+    def shape(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of this layer's queries for a latent of `latent_hw`."""
+        h, w = latent_hw
+        for _ in range(self.level):  # each UNet downsampler maps a side n to ceil(n / 2)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
 
 class Control:
     """Base control: plain fused attention. Subclass and override `__call__` to edit attention.
 
-    `step` (index into the sampling schedule, 0 first) and `t` (the diffusion timestep) are set by
-    the sampler before each UNet call. `prompts` is the number of prompts in the batch; under
-    classifier-free guidance the pipeline lays the batch out as [uncond x prompts, cond x prompts].
+    `step` (index into the sampling schedule, 0 first), `steps` (the schedule's length) and `t`
+    (the diffusion timestep) are set by the sampler before each UNet call. `prompts` is the number
+    of prompts in the batch; under classifier-free guidance the pipeline lays the batch out as
+    [uncond x prompts, cond x prompts] (`sd.pipeline.rows` picks rows out of it).
     """
 
     def __init__(self) -> None:
         self.step = 0
+        self.steps = 0
         self.t = 0
         self.prompts = 1
 

@@ -4,9 +4,10 @@ Batch layout under classifier-free guidance, the one place it is defined: the UN
 [uncond x n, cond x n] for n prompts, and `ctrl.prompts = n` tells controls so (with guidance 1
 the unconditional half is skipped and the batch is [cond x n]: the last n rows are always the
 conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_uncond)
-(Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
+(Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does. `rows()` selects rows of it.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,20 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
+
+
+def rows(batch: int, prompts: int, half: str = "both", group: int = 0, groups: int = 1) -> list[int]:
+    """Indices of the UNet batch rows that hold the prompts of `group`, one of `groups` equal
+    consecutive groups of the prompts (e.g. groups=2: sources then targets, paired row by row),
+    in the CFG half `half` ("uncond", "cond" or "both"). A batch of `prompts` rows has no
+    unconditional half (guidance 1)."""
+    assert batch in (prompts, 2 * prompts), f"a batch of {batch} rows cannot hold {prompts} prompts"
+    assert prompts % groups == 0, f"{prompts} prompts do not split into {groups} equal groups"
+    size = prompts // groups
+    offsets = {"uncond": [0], "cond": [batch - prompts], "both": [0, batch - prompts]}[half]
+    if batch == prompts and half != "cond":
+        offsets = [] if half == "uncond" else [0]
+    return [o + group * size + i for o in offsets for i in range(size)]
 
 
 class Pipeline:
@@ -92,19 +107,25 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, cond: torch.Tensor, uncond, steps: int = 50,
                guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text)."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
+        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text);
+        a context of one row serves every prompt. `callback(step, t, x)` gets the latents after
+        each step and returns the latents to continue from (k-diffusion's samplers take one too).
+        """
         if ctrl is not None:
-            ctrl.prompts = x.shape[0]
+            ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)
         pred = self.cfg.schedule.prediction
         for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="sampling")):
             if ctrl is not None:
                 ctrl.step, ctrl.t = i, t
             u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-            out = self.guided(x, t, cond, u, guidance, ctrl)
+            out = self.guided(x, t, cond, u.expand(len(cond), -1, -1), guidance, ctrl)
             t_prev = ddim.previous(t, steps, self.cfg.schedule)
             x = ddim.step(out, x, t, t_prev, self.ac, pred, eta, generator).to(x.dtype)
+            if callback is not None:
+                x = callback(i, t, x)
         return x
 
     def __call__(self, prompts: str | list[str], negative: str | list[str] = "", steps: int = 50,
@@ -112,7 +133,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
-                 progress: bool = False):
+                 progress: bool = False, callback=None):
         """Text-to-image: PIL images (output="pil") or final latents (output="latent").
 
         `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
@@ -130,7 +151,7 @@ class Pipeline:
         if uncond is None:
             uncond = self.encode_prompt(negative).to(self.dtype)
         x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
-                        eta, g, progress)
+                        eta, g, progress, callback)
         return x if output == "latent" else to_pil(self.decode(x))
 
     @torch.no_grad()
@@ -187,10 +208,7 @@ class HeatMap(Control):
             return attention(q, k, v)
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
-        w = self.hw[1]
-        for _ in range(site.level):  # each UNet downsampler maps a side n to ceil(n / 2)
-            w = (w + 1) // 2
-        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), -1, w)
+        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
         maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
         self.total = maps if self.total is None else self.total + maps
         return apply_map(attn, v)
