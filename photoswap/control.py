@@ -17,6 +17,7 @@ tokens' cross maps for local blend at one low resolution; M is the fused kernel 
 edited as the official code (eric-ai-lab/photoswap, swapping_class.py and utils.py) edits them.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +30,18 @@ from sd.pipeline import rows
 Window = float | tuple[int, ...]  # a fraction of the steps from the start, or explicit step indices
 
 
+def end(fraction: float, steps: int) -> int:
+    """The first step after a window of `fraction` of the steps: f * T rounded half up (Python's
+    round() would make 0.5 of 5 steps 2 but 0.5 of 7 steps 4)."""
+    return math.floor(fraction * steps + 0.5)
+
+
 def active(window: Window, step: int, steps: int) -> bool:
-    """Whether `step` (0-based) is inside the window: a fraction f covers steps i < round(f * T),
-    so 0.2 of 50 steps is steps 0..9 (the paper's lambda_phi = 10) and 0.2 of 20 is 0..3."""
+    """Whether `step` (0-based) is inside the window: a fraction f covers steps i < end(f, T), so
+    0.2 of 50 steps is steps 0..9 (the paper's lambda_phi = 10) and 0.2 of 20 is 0..3. The
+    official code's phi window is `step <= int(f * 50)`: one step longer, and 50 hard-coded."""
     if isinstance(window, (int, float)) and not isinstance(window, bool):
-        return step < round(window * steps)
+        return step < end(window, steps)
     return step in window
 
 
@@ -72,7 +80,7 @@ class Settings:
     m: Swap = Swap(0.5, Layers(min_level=1), "cond")
     # A: every cross-attention layer, conditional half, with P2P's refine mapping.
     a: Swap = Swap(0.4, Layers(), "cond")
-    # Local blend (official LocalBlend): from step round(blend_start * T) on, the target latent
+    # Local blend (official LocalBlend): from step end(blend_start, T) on, the target latent
     # keeps the source latent outside the union of both subjects' masks; None turns it off.
     blend_start: float | None = 0.2
     blend_threshold: float = 0.3  # official th=(.3, .3)
@@ -211,8 +219,8 @@ class PhotoSwap(Control):
         """[pairs, 1, h, w] float mask of where the target may differ from the source at `step`,
         or None for anywhere."""
         s, mask = self.settings, None
-        if s.blend_start is not None and self.blend_maps is not None and step >= round(
-                s.blend_start * self.steps):
+        if (s.blend_start is not None and self.blend_maps is not None
+                and step >= end(s.blend_start, self.steps)):
             level = Site("blend", "cross", "any", s.blend_level)
             maps = self.blend_maps.reshape(-1, 1, *level.shape(tuple(x.shape[2:])))
             # Official LocalBlend.get_mask: 3x3 max-pool, resize (nearest) to the latent,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from photoswap.align import refinement, subject_indices
-from photoswap.control import PRESETS, Layers, PhotoSwap, Settings, Swap, active, no_swap
+from photoswap.control import PRESETS, Layers, PhotoSwap, Settings, Swap, active, end, no_swap
 from sd.attention import Control, attention
 from sd.config import TINY
 from sd.pipeline import Pipeline
@@ -159,7 +159,8 @@ def test_windows_end_where_they_say(tiny, steps, kind, settings, fraction):
     pipe = pipeline(tiny)
     spy = Spy(control(pipe, settings))
     swap(pipe, spy, steps=steps, guidance=1.0 if steps == 50 else 7.5)
-    assert spy.edited[kind] == set(range(round(fraction * steps)))
+    last = {20: {0.2: 4, 0.5: 10, 0.4: 8}, 50: {0.2: 10, 0.5: 25, 0.4: 20}}[steps][fraction]
+    assert spy.edited[kind] == set(range(last))
     assert not spy.edited["cross" if kind == "self" else "self"]
 
 
@@ -169,6 +170,8 @@ def test_window_by_step_indices_and_fractions():
     assert [active((2, 5), i, 50) for i in range(7)] == [False, False, True, False, False, True,
                                                           False]
     assert not active(0.0, 0, 50) and active(1.0, 49, 50)
+    assert [end(0.5, n) for n in (5, 7)] == [3, 4]  # half up, not Python's half to even
+    assert end(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996
 
 
 @pytest.mark.parametrize("user", [False, True])
