@@ -33,17 +33,6 @@ class UserError(ValueError):
     """Bad input: printed as one line, exit code 1."""
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]: windows and blend start "
-                                         "are fractions of the steps")
-    return value
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m photoswap", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--image", type=Path, help="a photo to swap into (inverted on the fly)")
     src.add_argument("--inversion", type=Path, help="a saved inversion (python -m train.null_text)")
     p.add_argument("--fast", action="store_true", help="with --image: negative-prompt inversion")
-    p.add_argument("--seed", type=int, default=0, help="without a photo: the source's noise seed")
+    p.add_argument("--seed", type=int, default=0, help="without a photo: the source's noise seed "
+                   "(also seeds --model tiny's random weights)")
     p.add_argument("--weights", type=Path, help="the concept model (DreamBooth'd folder) or the "
                    "base model; default weights/sd2.1-base or weights/MODEL")
     p.add_argument("--embeds", type=Path, help="a textual-inversion file defining the concept")
@@ -70,9 +60,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=SWAP_PRESETS, default="paper")
     for name, what in (("phi", "self-attention output"), ("m", "self-attention map"),
                        ("a", "cross-attention map")):
-        p.add_argument(f"--{name}", type=fraction, metavar="F",
+        p.add_argument(f"--{name}", type=float, metavar="F",
                        help=f"{what} window, fraction of the steps (default: the preset's)")
-    p.add_argument("--blend-start", type=fraction, metavar="F", help="local blend from F * steps")
+    p.add_argument("--blend-start", type=float, metavar="F", help="local blend from F * steps")
     p.add_argument("--no-blend", action="store_true", help="turn local blend off")
     p.add_argument("--mask", type=Path, help="an image (any size); the swap changes only where "
                    "it is bright")
@@ -85,8 +75,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="default: the model's resolution")
     p.add_argument("--heatmap", action="store_true", help="also write heat.png")
     p.add_argument("--layout", action="store_true", help="also write layout.png (SVD, Fig. 3)")
-    p.add_argument("--sweep-phi", type=fraction, nargs="+", metavar="F", help="phi windows")
-    p.add_argument("--sweep-a", type=fraction, nargs="+", metavar="F", help="A windows")
+    p.add_argument("--sweep-phi", type=float, nargs="+", metavar="F", help="phi windows")
+    p.add_argument("--sweep-a", type=float, nargs="+", metavar="F", help="A windows")
     p.add_argument("-o", "--out", type=Path, default=Path("out/swap"), help="output folder")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
@@ -107,6 +97,14 @@ def embeds_tokens(path: Path) -> list[str]:
 
 def check(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model loads; raises UserError."""
+    windows = {"--phi": [args.phi], "--m": [args.m], "--a": [args.a],
+               "--blend-start": [args.blend_start], "--sweep-phi": args.sweep_phi or [],
+               "--sweep-a": args.sweep_a or []}
+    for flag, values in windows.items():
+        for value in values:
+            if value is not None and not 0 <= value <= 1:
+                raise UserError(f"{flag} {value} is outside [0, 1]: windows and the blend start "
+                                "are fractions of the steps")
     if len(args.concept) != len(args.subject):
         raise UserError(f"{len(args.subject)} subject word(s) but {len(args.concept)} concept(s): "
                         "give one --concept per --subject word")

@@ -67,6 +67,7 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     device, dtype = args.device or device, DTYPES[args.dtype] if args.dtype else dtype
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    torch.manual_seed(args.seed)  # only random (tiny) weights draw from it, as in train.null_text
     pipe = Pipeline.load(cfg, weights, device, dtype)
     if args.embeds:
         pipe.add_concepts(args.embeds)

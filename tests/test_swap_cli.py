@@ -1,0 +1,96 @@
+"""python -m photoswap as a user runs it: outputs on the tiny model, and bad input as one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["a photo of a cat on the grass", "--subject", "cat", "--model", "tiny", "--steps", "3",
+        "-q"]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "photoswap", *args], capture_output=True,
+                          text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                    "PYTHONPATH": str(ROOT)})
+
+
+def one_line_error(r: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert r.returncode != 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("model: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_help_is_fast_and_loads_no_torch():
+    code = ("import sys, photoswap.__main__ as m\n"
+            "try:\n    m.parse(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
+    assert "--sweep-phi" in r.stdout and "official" in r.stdout
+
+
+def test_swap_writes_the_pictures(tmp_path):
+    mask = tmp_path / "mask.png"
+    Image.new("L", (100, 30), 255).save(mask)
+    r = cli(*BASE, "--concept", "sks dog", "--heatmap", "--layout", "--mask", str(mask),
+            "--sweep-phi", "0", "0.5", "--sweep-a", "0.2", "0.4", "0.6", "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "o"
+    sizes = {p.name: Image.open(p).size for p in out.glob("*.png")}
+    assert sizes["swap.png"] == sizes["source.png"] == (64, 64)
+    assert sizes["grid.png"] == (2 * 64, 64 + 12)  # source | swap, under caption strips
+    assert sizes["heat.png"] == sizes["layout.png"] == (2 * 64, 64 + 12)
+    assert sizes["sweep.png"] == (3 * 64, 2 * (64 + 12))  # rows phi, columns A
+    record = json.loads((out / "settings.json").read_text())
+    assert record["target"] == "a photo of a sks dog on the grass"
+    assert record["settings"]["phi"]["window"] == 0.2 and record["steps"] == 3
+    assert record["mask"] == str(mask)
+
+
+def test_missing_subject_lists_the_prompts_words(tmp_path):
+    one_line_error(cli(*BASE[:2], "dog", *BASE[3:], "--concept", "sks dog"),
+                   "'dog' not found", "a, photo, of, a, cat, on, the, grass")
+
+
+def test_unknown_concept_token(tmp_path):
+    one_line_error(cli(*BASE, "--concept", "<my-dog>"), "'<my-dog>' is unknown to the tokenizer",
+                   "--embeds")
+
+
+def test_unreadable_mask(tmp_path):
+    bad = tmp_path / "mask.png"
+    bad.write_text("not an image")
+    one_line_error(cli(*BASE, "--concept", "sks dog", "--mask", str(bad)),
+                   "cannot be read as an image")
+
+
+@pytest.mark.parametrize("flag", ["--phi", "--a", "--blend-start", "--sweep-a"])
+def test_window_outside_unit_interval(flag):
+    args = ["--sweep-phi", "0.1"] if flag == "--sweep-a" else []
+    one_line_error(cli(*BASE, "--concept", "sks dog", flag, "1.5", *args), "outside [0, 1]")
+
+
+def test_inversion_from_another_model(tmp_path):
+    from train.inversion import Inversion, save
+
+    inv = Inversion(torch.zeros(1, 4, 8, 8), [torch.zeros(1, 77, 32)] * 3, BASE[0], 3, 7.5,
+                    "negative-prompt", 0, 0.01, 1e-5, "sd2.1-base/0123456789abcdef")
+    save(inv, tmp_path / "other.inv")
+    one_line_error(cli(*BASE, "--concept", "sks dog", "--inversion", str(tmp_path / "other.inv")),
+                   "invert the photo again with this model")
+
+
+def test_make_swap_without_weights_says_what_to_provide(tmp_path):
+    r = subprocess.run(["make", "-s", "toy-weights", f"SWAP_WEIGHTS={tmp_path}/none"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "Provide the toy model there" in r.stderr and "SWAP_WEIGHTS=weights/sd2.1-base" in r.stderr
