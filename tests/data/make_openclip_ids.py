@@ -34,8 +34,9 @@ import ftfy
 ORDINARY = [
     "", "   ", "a photo of a cat", "A Photo Of A CAT",
     "an astronaut riding a horse on mars, digital art, 4k, trending on artstation",
-    "Photorealistic Portrait, 85mm, f/1.8, bokeh, 8K UHD", "(masterpiece:1.2), [blurry], {detailed}",
-    "<lora:foo:0.8>", "don't stop", "it's a dog's life", "DON'T SHOUT",
+    "Photorealistic Portrait, 85mm, f/1.8, bokeh, 8K UHD",
+    "(masterpiece:1.2), [blurry], {detailed}", "<lora:foo:0.8>", "don't stop",
+    "it's a dog's life", "DON'T SHOUT",
     "they're here, we've gone, I'm fine, you'll see, he'd go", "rock'n'roll at 5 o'clock",
     "1234567890", "3.14159 is pi", "#hashtag @user $100 50% a&b", "email@example.com",
     "path/to/file.png", "c++ && || ==", "~`^_|\\", 'quotes "like this"', "'single quotes'",
@@ -80,9 +81,10 @@ EMOJI = [
 ]
 WHITESPACE_AND_CONTROL = [
     "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "multiple     spaces",
-    "\u3000ideographic\u3000space", "no\u00a0break space", "a\u2028b\u2029c", "a\x85b", "\x1ccat\x1f",
-    "a\x1db", "zero\u200bwidth", "soft\u00adhyphen", "\ufeffBOM at start", "\x1b[31mred\x1b[0m text",
-    "bell\x07 nul\x00 del\x7f", "\x93smart\x94 from cp1252", "\x80 euro and \x81 undefined",
+    "\u3000ideographic\u3000space", "no\u00a0break space", "a\u2028b\u2029c", "a\x85b",
+    "\x1ccat\x1f", "a\x1db", "zero\u200bwidth", "soft\u00adhyphen", "\ufeffBOM at start",
+    "\x1b[31mred\x1b[0m text", "bell\x07 nul\x00 del\x7f", "\x93smart\x94 from cp1252",
+    "\x80 euro and \x81 undefined",
     "\u206adeprecated", "ob\ufffcject", "form\x0cfeed", "vertical\x0btab", "\r\rcr only",
     "line one\nline two\n\n", "\u2003em\u2009thin\u202fspaces",
 ]
