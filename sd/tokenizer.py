@@ -152,6 +152,14 @@ def clean(text: str) -> str:
     return html.unescape(html.unescape(fix_text(text))).strip().lower()
 
 
+def first_words(text: str, n: int = 8) -> str:
+    """The first `n` words of `text` and "..." if there are more: a 9 KB prompt in a message
+    would bury the message."""
+    words = text.split()
+    start = " ".join(words[:n])[:80]
+    return start + (" ..." if start != " ".join(words) else "")
+
+
 class Tokenizer:
     """Prompts -> LongTensor [B, max_len] of CLIP token ids: BOS, text, EOS, then pad_id."""
 
@@ -190,11 +198,8 @@ class Tokenizer:
 
     def _truncation_note(self, dropped: str, n_tokens: int) -> str:
         """The warning for a cut prompt: the count and the first words of what CLIP won't see."""
-        words = dropped.split()
-        start = " ".join(words[:8])[:80]  # a 9 KB prompt must not print 9 KB
-        more = " ..." if start != " ".join(words) else ""
         return (f"prompt longer than {self.max_len} tokens; CLIP will not see its last {n_tokens} "
-                f"tokens ({len(words)} words), from {start + more!r}")
+                f"tokens ({len(dropped.split())} words), from {first_words(dropped)!r}")
 
     def _words(self, text: str) -> list[tuple[range, list[int], str]]:
         """(token indices, token ids, text) of every pre-tokenized word of cleaned `text`."""
@@ -218,8 +223,8 @@ class Tokenizer:
                 found += [i + 1 for span, _, _ in kept[k : k + n] for i in span]  # BOS is 0
         if not found:
             where = f" within its first {self.max_len} tokens" if len(kept) < len(words) else ""
-            raise ValueError(f"{word!r} not found in prompt {prompt!r}{where}; the words of the "
-                             f"prompt are: {', '.join(text for _, _, text in kept)}")
+            raise ValueError(f"{word!r} not found in prompt {first_words(prompt)!r}{where}; the "
+                             f"words of the prompt are: {', '.join(text for _, _, text in kept)}")
         return found
 
     def add_tokens(self, tokens: list[str]) -> list[int]:

@@ -342,6 +342,10 @@ def test_long_prompt_warning_is_short(tok):
     with pytest.warns(UserWarning) as record:  # one 9 KB "word" is cut too
         tok("a " * 80 + "x" * 9000)
     assert len(str(record[0].message)) < 200
+    with pytest.raises(ValueError, match=r"not found in prompt 'a painting of a lighthouse a "
+                                         r"painting of \.\.\.' within its first 77") as error:
+        tok.word_indices(prompt, "monet")  # --heatmap monet: the same prompt in an error
+    assert len(str(error.value)) < 700
 
 
 def test_control_characters_are_removed_like_ftfy(tok):
