@@ -129,6 +129,7 @@ class PhotoSwap(Control):
         self.mapper = torch.stack([m for m, _ in mappers])
         self.alphas = torch.stack([a for _, a in mappers])
         self.subjects = subjects
+        self._moved: dict = {}  # (name, device, dtype) -> tensor: one copy per device, not per call
         self.blend_maps: torch.Tensor | None = None  # [prompts, h, w], summed over layers, steps
 
     @property
@@ -138,6 +139,12 @@ class PhotoSwap(Control):
     def _rows(self, batch: int, half: str) -> tuple[list[int], list[int]]:
         """(source rows, target rows) of a half, paired position by position."""
         return rows(batch, self.prompts, half, 0, 2), rows(batch, self.prompts, half, 1, 2)
+
+    def _on_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, device, dtype)
+        if key not in self._moved:
+            self._moved[key] = getattr(self, name).to(device, dtype)
+        return self._moved[key]
 
     def _on(self, swap: Swap, site: Site) -> bool:
         return swap.layers(site) and active(swap.window, self.step, self.steps)
@@ -187,16 +194,17 @@ class PhotoSwap(Control):
         pair = self._pair_of(tgt, q.shape[0])
         if self.explicit:
             attn = attention_map(q, k)  # [B, H, N, 77] fp32
-            mapper, alphas = self.mapper[pair].to(q.device), self.alphas[pair].to(q.device)
+            mapper = self._on_device("mapper", q.device, torch.long)[pair]
+            alphas = self._on_device("alphas", q.device, attn.dtype)[pair]
             taken = torch.gather(attn[src], 3, mapper[:, None, None].expand_as(attn[src]))
             a = alphas[:, None, None].float()
             attn[tgt] = taken * a + attn[tgt] * (1 - a)
             return apply_map(attn, v)
         out = attention(q, k, v)
-        mixer = self.mixers[pair].to(v.device, v.dtype)  # [T, 77, 77]
+        mixer = self._on_device("mixers", v.device, v.dtype)[pair]  # [T, 77, 77]
         mixed = torch.einsum("tsj,thjd->thsd", mixer, v[tgt])  # V'_s = sum_j W_sj v_t,j
         out[tgt] = attention(q[src], k[src], mixed)
-        keep = self.keep[pair].to(v.device, v.dtype)
+        keep = self._on_device("keep", v.device, v.dtype)[pair]
         if keep.any():  # tokens new in the target keep (part of) their own map
             out[tgt] += attention(q[tgt], k[tgt], keep[:, None, :, None] * v[tgt])
         return out
