@@ -94,3 +94,46 @@ def test_make_swap_without_weights_says_what_to_provide(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "Provide the toy model there" in r.stderr and "SWAP_WEIGHTS=weights/sd2.1-base" in r.stderr
+
+
+def test_textual_inversion_concept(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"<my-dog>": torch.randn(1, 32)}, tmp_path / "learned_embeds.safetensors")
+    r = cli(*BASE, "--concept", "<my-dog>", "--embeds", str(tmp_path / "learned_embeds.safetensors"),
+            "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["target"] == \
+        "a photo of a <my-dog> on the grass"
+    other = cli(*BASE, "--concept", "<your-dog>", "--embeds",
+                str(tmp_path / "learned_embeds.safetensors"))
+    one_line_error(other, "'<your-dog>' is unknown to the tokenizer", "defines <my-dog>")
+
+
+def test_photo_and_saved_inversion_sources(tmp_path):
+    """A photo inverted on the fly (fast mode), and the same photo's saved inversion: the source
+    branch redraws the photo's inversion; the saved one gives the same pictures."""
+    from sd.config import TINY
+    from sd.pipeline import Pipeline
+    from train.inversion import invert, save
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (90, 70), (200, 40, 40)).save(photo)
+    r = cli(*BASE, "--concept", "sks dog", "--image", str(photo), "--fast", "-o",
+            str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "a" / "grid.png").size == (3 * 64, 64 + 12)  # photo | src | swap
+
+    torch.manual_seed(0)  # the CLI's --seed 0 draws the tiny model's weights the same way
+    pipe = Pipeline.load(TINY, None, "cpu", torch.float32)
+    save(invert(pipe, pipe.encode(photo), BASE[0], steps=3, fast=True), tmp_path / "p.inv")
+    r = cli(*BASE, "--concept", "sks dog", "--inversion", str(tmp_path / "p.inv"), "-o",
+            str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    for name in ("source.png", "swap.png"):
+        a, b = (torch.tensor(list(Image.open(tmp_path / d / name).getdata())).float()
+                for d in "ab")
+        assert (a - b).abs().max() <= 1, name  # the same inversion, up to rounding
+    wrong = cli("a photo of a dog", "--subject", "dog", *BASE[3:], "--concept", "sks cat",
+                "--inversion", str(tmp_path / "p.inv"))
+    one_line_error(wrong, "was inverted with the prompt")
