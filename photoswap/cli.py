@@ -59,8 +59,8 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     subject_indices(tok, args.prompt, args.subject)  # absent words: the error lists the prompt's
     subject_indices(tok, target, args.concept)
     h, w = args.height or cfg.resolution, args.width or cfg.resolution
-    settings = settings_for(args.method, args.preset, args.phi, args.m, args.a,
-                            False if args.no_blend else args.blend_start or True)
+    blend = False if args.no_blend else True if args.blend_start is None else args.blend_start
+    settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
     mask = user_mask(args.mask) if args.mask else None
 
     device, dtype = default_device_dtype()
