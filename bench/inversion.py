@@ -19,7 +19,7 @@ import torch
 from bench.common import LOAD
 from sd.config import SD21_BASE, TINY, ModelConfig
 from sd.pipeline import Pipeline
-from train.null_text import invert
+from train.inversion import invert
 
 
 def one(cfg: ModelConfig, device: str, dtype: torch.dtype, side: int, steps: int = 50) -> float:

@@ -59,7 +59,8 @@ def rss_mib() -> float:
 def run_case(case: Case) -> dict:
     """One case, in this (fresh) process."""
     from sd.pipeline import Pipeline
-    from train.data import Denoiser, Run, denoising_loss, draw, optimizer_step
+    from train.dataset import draw
+    from train.loop import Denoiser, Run, denoising_loss, optimizer_step
 
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)

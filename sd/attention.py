@@ -118,7 +118,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # .0 in the checkpoint; .1 was dropout
         self.site: Site | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, ctrl=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                ctrl: Control | None = None) -> torch.Tensor:
         context = x if context is None else context
         split = "b n (h d) -> b h n d"
         q = rearrange(self.to_q(x), split, h=self.heads)

@@ -120,3 +120,16 @@ def preset(name: str, prediction: str | None = None) -> ModelConfig:
     if prediction is not None:
         cfg = replace(cfg, schedule=replace(cfg.schedule, prediction=prediction))
     return cfg
+
+
+# The --dtype / --precision names. DTYPES maps them to torch dtypes, built on first use (PEP 562)
+# so that the CLIs can list presets and dtypes in --help before torch loads (over a second).
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        import torch
+
+        return dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

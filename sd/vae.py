@@ -13,7 +13,7 @@ from torch import nn
 
 from sd.attention import Attention
 from sd.config import VAEConfig
-from sd.unet import Downsample, GroupNorm, ResBlock, Upsample
+from sd.blocks import Downsample, GroupNorm, ResBlock, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (LDM's Normalize)
 
