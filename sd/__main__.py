@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as e:
         print(e, file=sys.stderr)
         return 2
-    device, dtype = default_device_dtype()
-    device = torch.device(args.device) if args.device else device
-    dtype = DTYPES[args.dtype] if args.dtype else (dtype if device.type == "cuda" else torch.float32)
+    device = torch.device(args.device) if args.device else default_device_dtype()[0]
+    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else fallback
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:

@@ -1,8 +1,4 @@
-"""The building blocks the UNet and the VAE share: fp32 GroupNorm, the resnet, down- and upsampling.
-
-Both models come from the same LDM code (ldm/modules/diffusionmodules/{openaimodel,model}.py) and
-diffusers builds both from the same ResnetBlock2D, Downsample2D and Upsample2D; so do we.
-"""
+"""What the UNet and the VAE share, as in LDM and diffusers: fp32 GroupNorm, resnet, resampling."""
 
 import torch
 import torch.nn.functional as F

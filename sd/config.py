@@ -122,14 +122,12 @@ def preset(name: str, prediction: str | None = None) -> ModelConfig:
     return cfg
 
 
-# The --dtype / --precision names. DTYPES maps them to torch dtypes, built on first use (PEP 562)
-# so that the CLIs can list presets and dtypes in --help before torch loads (over a second).
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # DTYPES' keys: the CLIs list them before torch loads
 
 
-def __getattr__(name: str):
-    if name == "DTYPES":
-        import torch
+def __getattr__(name: str):  # DTYPES, built on first use (PEP 562): torch takes a second to load
+    if name != "DTYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
 
-        return dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))

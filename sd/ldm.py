@@ -1,11 +1,7 @@
-"""Layout B: one original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}) renamed
-to the diffusers keys our modules carry, as diffusers' convert_original_stable_diffusion script
-does.
-
-The file holds `model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and
-`cond_stage_model.model.` (the full 24-block OpenCLIP text tower) keys. `convert` splits and
-renames them; sd/weights.py then checks and loads them as it does a diffusers folder.
-"""
+"""Layout B, an original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}), renamed
+to diffusers keys as diffusers' convert_original_stable_diffusion script does. It holds
+`model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and `cond_stage_model.model.` (the
+24-block OpenCLIP text tower) keys."""
 
 import re
 from pathlib import Path
@@ -65,10 +61,8 @@ def _vae_key(k: str, levels: int) -> str:
     k = re.sub(r"decoder\.up\.(\d+)\.upsample\.",
                lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", k)
     k = re.sub(r"mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}.", k)
+    k = re.sub(r"mid\.attn_1\.(q|k|v)\.", r"mid_block.attentions.0.to_\1.", k)
     for old, new in (("mid.attn_1.norm.", "mid_block.attentions.0.group_norm."),
-                     ("mid.attn_1.q.", "mid_block.attentions.0.to_q."),
-                     ("mid.attn_1.k.", "mid_block.attentions.0.to_k."),
-                     ("mid.attn_1.v.", "mid_block.attentions.0.to_v."),
                      ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0."),
                      ("norm_out.", "conv_norm_out.")):
         k = k.replace(old, new)

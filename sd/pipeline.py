@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.attention import Control, attention, attention_map, apply_map
+from sd.attention import Control, apply_map, attention, attention_map
 from sd.config import ModelConfig
 from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
@@ -47,8 +47,7 @@ class Pipeline:
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
-        if not isinstance(vectors, dict):
-            vectors = read(file_or_vectors)
+        vectors = vectors if isinstance(vectors, dict) else read(vectors)
         width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
         rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
         if len(rows) != len(vectors):

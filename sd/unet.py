@@ -42,18 +42,6 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # net.1 is a parameterless dropout in the checkpoint's module list; keep the indices.
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class TransformerBlock(nn.Module):
     """BasicTransformerBlock: pre-LN self-attention, cross-attention to the text, GEGLU MLP."""
 
@@ -64,13 +52,15 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        # net.1 is a parameterless dropout in the checkpoint's module list; keep the indices.
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 ctrl: Control | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), ctrl=ctrl)
         x = x + self.attn2(self.norm2(x), context, ctrl=ctrl)
-        return x + self.ff(self.norm3(x))
+        return x + self.ff.net(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -147,9 +137,7 @@ class UNet(nn.Module):
         for i, c in enumerate(reversed(ch)):
             level = n - 1 - i
             count = cfg.layers_per_block + 1
-            resnets = []
-            for j in range(count):
-                resnets.append(res((c_prev if j == 0 else c) + skips.pop(), c))
+            resnets = [res((c_prev if j == 0 else c) + skips.pop(), c) for j in range(count)]
             block = Block(resnets, attn(level, c, count))
             if level > 0:
                 block.upsamplers = nn.ModuleList([Upsample(c)])

@@ -89,22 +89,15 @@ def _tidy(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _guess(keys) -> str | None:
-    """Which component a set of diffusers-named keys belongs to, for error messages."""
-    for name, probe in (("unet", "time_embedding.linear_1.weight"),
-                        ("vae", "encoder.conv_in.weight"),
-                        ("text_encoder", "embeddings.token_embedding.weight")):
-        if probe in keys:
-            return name
-    return None
-
-
 def check(module: nn.Module, sd: dict[str, torch.Tensor], name: str, source) -> None:
     """Raise a WeightsError naming every missing, unexpected or mis-shaped key."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    if _guess(sd) not in (None, name):
-        raise WeightsError(f"{source}: holds {_guess(sd)} weights where {name} weights were "
-                           "expected; check which file went where.")
+    probes = {"unet": "time_embedding.linear_1.weight", "vae": "encoder.conv_in.weight",
+              "text_encoder": "embeddings.token_embedding.weight"}
+    for other, probe in probes.items():  # a whole file in the wrong place: say so plainly
+        if other != name and probe in sd:
+            raise WeightsError(f"{source}: holds {other} weights where {name} weights were "
+                               "expected; check which file went where.")
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     shapes = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
@@ -232,12 +225,8 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
 
 
 def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None, str]:
-    """The preset, the weights path and why that preset, for a --model and --weights pair.
-
-    "auto" reads the preset from the weights (detect_preset); a preset's default weights are
-    weights/<preset name>, except "tiny", whose default (None) is random weights. Raises a
-    WeightsError with the exact download command when the weights are absent.
-    """
+    """The preset, the weights path (default weights/<preset>; tiny: None, random weights) and
+    why that preset; "auto" asks detect_preset. A WeightsError says how to download absent ones."""
     if model == "tiny" and weights is None:
         return preset("tiny"), None, "random weights"
     name = model if model != "auto" else "sd2.1-base"

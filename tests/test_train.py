@@ -7,8 +7,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).parent.parent
-
 from sd.config import TINY
 from sd.pipeline import Pipeline
 from sd.weights import load
@@ -17,6 +15,8 @@ from train.checkpoints import find as find_checkpoint
 from train.checkpoints import load_modules
 from train.dataset import ImageFolder, draw, examples
 from train.loop import Denoiser, Run, denoising_loss, load_pipeline
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(autouse=True)
