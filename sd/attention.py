@@ -8,8 +8,7 @@ computes its output with `attention()`. UNet layers additionally hand their head
 
 A control may call the fused kernel, compute the explicit map with `attention_map()` and read or
 replace it, or return any other output. With `ctrl=None` the fused kernel runs and nothing else
-happens (training, torch.compile). The sampler sets `ctrl.step` and `ctrl.t` before every UNet
-call, so a control never has to count calls to know where it is.
+happens (training, torch.compile).
 """
 
 import math
@@ -62,20 +61,17 @@ class Site:
     level: int
 
     def shape(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of this layer's queries for a latent of `latent_hw`."""
-        h, w = latent_hw
-        for _ in range(self.level):  # each UNet downsampler maps a side n to ceil(n / 2)
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return h, w
+        """(h, w) of the queries: each downsampler maps a side n to ceil(n / 2)."""
+        return tuple(-(-n // 2**self.level) for n in latent_hw)
 
 
 class Control:
     """Base control: plain fused attention. Subclass and override `__call__` to edit attention.
 
-    `step` (index into the sampling schedule, 0 first), `steps` (the schedule's length) and `t`
-    (the diffusion timestep) are set by the sampler before each UNet call. `prompts` is the number
-    of prompts in the batch; under classifier-free guidance the pipeline lays the batch out as
-    [uncond x prompts, cond x prompts] (`sd.pipeline.rows` picks rows out of it).
+    `step` (index into the sampling schedule, 0 first), `steps` and `t` (the diffusion timestep)
+    are set by the sampler before each UNet call, so a control never counts calls to know where it
+    is. `prompts` is the number of prompts; under classifier-free guidance the pipeline lays the
+    batch out as [uncond x prompts, cond x prompts] (`sd.pipeline.rows` picks rows from it).
     """
 
     def __init__(self) -> None:
@@ -127,7 +123,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # .0 in the checkpoint; .1 was dropout
         self.site: Site | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, ctrl=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                ctrl: Control | None = None) -> torch.Tensor:
         context = x if context is None else context
         split = "b n (h d) -> b h n d"
         q = rearrange(self.to_q(x), split, h=self.heads)

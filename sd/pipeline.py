@@ -4,20 +4,20 @@ Batch layout under classifier-free guidance, the one place it is defined: the UN
 [uncond x n, cond x n] for n prompts, and `ctrl.prompts = n` tells controls so (with guidance 1
 the unconditional half is skipped and the batch is [cond x n]: the last n rows are always the
 conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_uncond)
-(Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does. `rows()` selects rows of it.
+(Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
 """
 
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.attention import Control, attention, attention_map, apply_map
+from sd.attention import Control, apply_map, attention, attention_map
 from sd.config import ModelConfig
+from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
 from sd.weights import Models, build, load, read
 
@@ -30,17 +30,11 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def rows(batch: int, prompts: int, half: str = "both", group: int = 0, groups: int = 1) -> list[int]:
-    """Indices of the UNet batch rows that hold the prompts of `group`, one of `groups` equal
-    consecutive groups of the prompts (e.g. groups=2: sources then targets, paired row by row),
-    in the CFG half `half` ("uncond", "cond" or "both"). A batch of `prompts` rows has no
-    unconditional half (guidance 1)."""
-    assert batch in (prompts, 2 * prompts), f"a batch of {batch} rows cannot hold {prompts} prompts"
-    assert prompts % groups == 0, f"{prompts} prompts do not split into {groups} equal groups"
-    size = prompts // groups
-    offsets = {"uncond": [0], "cond": [batch - prompts], "both": [0, batch - prompts]}[half]
-    if batch == prompts and half != "cond":
-        offsets = [] if half == "uncond" else [0]
-    return [o + group * size + i for o in offsets for i in range(size)]
+    """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
+    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
+    size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half
+    starts = {"uncond": [0] if cond else [], "cond": [cond], "both": sorted({0, cond})}[half]
+    return [s + group * size + i for s in starts for i in range(size)]
 
 
 class Pipeline:
@@ -62,8 +56,7 @@ class Pipeline:
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
-        if not isinstance(vectors, dict):
-            vectors = read(file_or_vectors)
+        vectors = vectors if isinstance(vectors, dict) else read(vectors)
         width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
         rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
         if len(rows) != len(vectors):
@@ -109,10 +102,8 @@ class Pipeline:
                guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
                generator: torch.Generator | None = None, progress: bool = False,
                callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
-        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text);
-        a context of one row serves every prompt. `callback(step, t, x)` gets the latents after
-        each step and returns the latents to continue from (k-diffusion's samplers take one too).
-        """
+        """Run DDIM from x_T. `uncond`: one context, or one per step (null-text); one row serves
+        all prompts. `callback(step, t, x)` returns the latents to go on from (as k-diffusion)."""
         if ctrl is not None:
             ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)
@@ -168,27 +159,6 @@ class Pipeline:
         posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
         z = posterior.mean if generator is None else posterior.sample(generator)
         return z * self.cfg.vae.scaling
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
-
-
-def load_image(image: "Image.Image | str | Path", height: int, width: int) -> torch.Tensor:
-    """Open, apply EXIF orientation, convert to RGB, resize to cover and centre-crop: [1,3,H,W]."""
-    if height % 64 or width % 64:
-        raise ValueError(f"image size must be a multiple of 64, got {height}x{width}")
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{image}: cannot be read as an image ({e})") from e
-    image = ImageOps.exif_transpose(image).convert("RGB")  # palette, RGBA, CMYK, L, I;16 ...
-    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 class HeatMap(Control):
