@@ -101,7 +101,7 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     source, swapped = to_pil(pipe.decode(latents))
     pictures = {"swap.png": swapped, "source.png": source}
     row = [label(photo, "photo")] if photo else []
-    row += [label(source, "source"), label(swapped, f"{args.method}: {args.concept[0]}")]
+    row += [label(source, "source"), label(swapped, f"{args.method}: {', '.join(args.concept)}")]
     pictures["grid.png"] = grid([row])
     if args.heatmap:
         heat = normalise(ctrl.heat.float()).cpu()
