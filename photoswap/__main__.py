@@ -38,7 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="the source prompt (describes the photo, if one is given)")
     p.add_argument("--subject", nargs="+", required=True, metavar="WORD",
-                   help="the subject word(s) of the source prompt to swap (several: several subjects)")
+                   help="the subject word(s) of the source prompt to swap (one per subject)")
     p.add_argument("--concept", nargs="+", required=True, metavar="WORDS",
                    help="what replaces each subject word, e.g. \"sks dog\" or \"<my-dog>\"")
     p.add_argument("--target", help="the target prompt (default: the prompt with each subject "

@@ -101,7 +101,8 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     source, swapped = to_pil(pipe.decode(latents))
     pictures = {"swap.png": swapped, "source.png": source}
     row = [label(photo, "photo")] if photo else []
-    row += [label(source, "source"), label(swapped, f"{args.method}: {', '.join(args.concept)}")]
+    caption = f"{args.method}: {', '.join(args.concept)}"
+    row += [label(source, "source"), label(swapped, caption)]
     pictures["grid.png"] = grid([row])
     if args.heatmap:
         heat = normalise(ctrl.heat.float()).cpu()

@@ -29,7 +29,8 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def rows(batch: int, prompts: int, half: str = "both", group: int = 0, groups: int = 1) -> list[int]:
+def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
+         groups: int = 1) -> list[int]:
     """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
     of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
     size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half

@@ -93,15 +93,16 @@ def test_make_swap_without_weights_says_what_to_provide(tmp_path):
     r = subprocess.run(["make", "-s", "toy-weights", f"SWAP_WEIGHTS={tmp_path}/none"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "Provide the toy model there" in r.stderr and "SWAP_WEIGHTS=weights/sd2.1-base" in r.stderr
+    assert "Provide the toy model there" in r.stderr
+    assert "SWAP_WEIGHTS=weights/sd2.1-base" in r.stderr
 
 
 def test_textual_inversion_concept(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"<my-dog>": torch.randn(1, 32)}, tmp_path / "learned_embeds.safetensors")
-    r = cli(*BASE, "--concept", "<my-dog>", "--embeds", str(tmp_path / "learned_embeds.safetensors"),
-            "-o", str(tmp_path / "o"))
+    embeds = str(tmp_path / "learned_embeds.safetensors")
+    r = cli(*BASE, "--concept", "<my-dog>", "--embeds", embeds, "-o", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "settings.json").read_text())["target"] == \
         "a photo of a <my-dog> on the grass"

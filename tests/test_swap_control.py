@@ -30,7 +30,8 @@ def pipeline(tiny, prediction="epsilon"):
 def control(pipe, settings, pairs=((SRC, TGT, "cat", "sks dog"),), **kw):
     tok = pipe.tokenizer
     mappers = [refinement(tok, s, t) for s, t, _, _ in pairs]
-    subjects = [(subject_indices(tok, s, ws), subject_indices(tok, t, wt)) for s, t, ws, wt in pairs]
+    subjects = [(subject_indices(tok, s, ws), subject_indices(tok, t, wt))
+                for s, t, ws, wt in pairs]
     return PhotoSwap(settings, mappers, subjects, **kw)
 
 

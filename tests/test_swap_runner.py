@@ -80,7 +80,8 @@ def test_recorder_changes_nothing_and_draws(tiny):
     assert rec.heat.shape == (2, 8, 8) and rec.heat.min() > 0
     assert rec.layout.shape == (2, 16, 16)  # level 1 of an 8x8 latent: 4x4 queries
     rgb = layout_rgb(rec.layout, (4, 4))
-    assert rgb.shape == (2, 3, 4, 4) and rgb.amin((2, 3)).eq(0).all() and rgb.amax((2, 3)).eq(1).all()
+    assert rgb.shape == (2, 3, 4, 4)
+    assert rgb.amin((2, 3)).eq(0).all() and rgb.amax((2, 3)).eq(1).all()
 
 
 def test_layout_rgb_is_the_singular_structure():
