@@ -88,10 +88,12 @@ class Settings:
 
 
 PRESETS: dict[str, Settings] = {
-    # Paper, section 4.1: 50 steps, lambda_A = 20, lambda_M = 25, lambda_phi = 10.
+    # Paper (Gu et al. 2023, implementation details): 50 steps, lambda_A = 20, lambda_M = 25,
+    # lambda_phi = 10; local blend as the official code (the paper does not mention it).
     "paper": Settings(),
     # Official notebook (real-image-swap.ipynb): cross 0.6, self-output 0.8, self-map 0.0.
-    # Its M window is added after phi's, so M is inert there; we keep M at 0.
+    # Its code sets M's window to M + phi (swapping_class.py), so with M 0 the M window equals
+    # phi's and phi, in the same layers, overrides it: M never acts. We keep M at 0.
     "official": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
                          a=Swap(0.6, Layers(), "cond")),
 }
@@ -107,7 +109,8 @@ def p2p(settings: Settings) -> Settings:
 
 
 def no_swap(settings: Settings) -> Settings:
-    """The target prompt from the same x_T, nothing taken from the source."""
+    """The target prompt from the same x_T, nothing taken from the source (and no blend)."""
+    del settings  # same signature as p2p: a baseline is a function of the preset
     return Settings(phi=Swap(0.0), m=Swap(0.0), a=Swap(0.0), blend_start=None)
 
 
