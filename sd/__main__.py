@@ -36,8 +36,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--batch", type=int, default=1, help="images of the same prompt (default 1)")
-    p.add_argument("--heatmap", nargs="+", metavar="WORD",
-                   help="also save where these words of the prompt attended, as OUT_heatmap.png")
+    p.add_argument("--heatmap", nargs="+", metavar="WORD", help="also save where these words of "
+                   "the prompt attended (DAAM heat maps) as OUT_heatmap.png")
+    p.add_argument("--threshold", type=float, metavar="TAU", help="with --heatmap: add each word's "
+                   "mask, its normalised map >= TAU (DAAM uses 0.4)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG to write")
@@ -71,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             pipe.add_concepts(file)
         heat = None
         if args.heatmap:
-            tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]
-            spans = [len(pipe.tokenizer.word_indices(args.prompt, w)) for w in args.heatmap]
-            hw = ((args.height or cfg.resolution) // cfg.vae.factor,
-                  (args.width or cfg.resolution) // cfg.vae.factor)
-            heat = HeatMap(tokens, hw)
+            words = [pipe.tokenizer.word_indices(args.prompt, w) for w in args.heatmap]
+            tokens, spans = [i for w in words for i in w], [len(w) for w in words]
+            f = cfg.vae.factor
+            heat = HeatMap(tokens, ((args.height or cfg.resolution) // f,
+                                    (args.width or cfg.resolution) // f))
         images = pipe([args.prompt] * args.batch, args.negative, args.steps, args.guidance,
                       args.seed, height=args.height, width=args.width, ctrl=heat, eta=args.eta,
                       progress=not args.quiet)
@@ -86,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, image in enumerate(images):
         save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
     if heat is not None:
-        maps, rows = heat.normalised(), []
-        for b, image in enumerate(images):
-            per_word = maps[b].split(spans)  # a word of several tokens: average its tokens
-            rows.append([image] + [overlay(image, m.mean(0)) for m in per_word])
+        pictures = [heat.normalised(spans)]  # then the masks: one overlay per word each
+        pictures += [] if args.threshold is None else [heat.masks(spans, args.threshold).float()]
+        rows = [[im] + [overlay(im, m) for p in pictures for m in p[b]]
+                for b, im in enumerate(images)]
         save_image(grid(rows), out.with_name(f"{out.stem}_heatmap.png"))
     print(f"wrote {out}" + (f" and {len(images) - 1} more" if len(images) > 1 else ""),
           file=sys.stderr)
