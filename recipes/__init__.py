@@ -1,0 +1,44 @@
+"""Research built on the `sd` attention interface, one file per method.
+
+- heat maps (DAAM, Tang et al. 2023): `sd.pipeline.HeatMap` and `python -m sd --heatmap` (one
+  implementation, in sd, because the text-to-image CLI uses it too);
+- `recipes.correspondence`: unsupervised semantic correspondence (Hedlin et al., NeurIPS 2023);
+- `recipes.cds`: Delta and Contrastive Denoising Score editing (Hertz et al. 2023; Nam et al.,
+  CVPR 2024).
+Below: the command-line options and model loading the recipes share. Nothing here imports torch
+at import time, so every recipe's --help answers before torch loads.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from sd.config import DTYPE_NAMES, PRESETS
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --weights, --device, --dtype, --seed, --quiet, as `python -m sd` spells them."""
+    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
+                   help="preset (default: detected from the weights); tiny = random weights")
+    p.add_argument("--weights", type=Path, help="diffusers folder or single-file checkpoint "
+                   "(default: weights/sd2.1-base, or weights/MODEL with --model)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="of the model; the optimised tensor is always fp32 (default fp32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def load(args: argparse.Namespace):
+    """The pipeline the options name; says on stderr which model it is. Raises WeightsError."""
+    import torch
+
+    from sd.config import DTYPES
+    from sd.pipeline import Pipeline, default_device_dtype
+    from sd.weights import resolve
+
+    cfg, weights, why = resolve(args.model, args.weights)
+    device = torch.device(args.device) if args.device else default_device_dtype()[0]
+    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
+          f"{device} in {args.dtype}", file=sys.stderr)
+    return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])

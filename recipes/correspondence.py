@@ -1,0 +1,331 @@
+"""Unsupervised semantic correspondence with Stable Diffusion (Hedlin et al., NeurIPS 2023,
+"Unsupervised Semantic Correspondence Using Stable Diffusion", arXiv 2305.15581).
+
+A query point in a source image becomes a text embedding: a free context [1, 77, width] is
+optimised so that the cross-attention map of its first token (position 1, after BOS), read at the
+decoder's coarse attention levels, matches a Gaussian at the point, on random crops of the noised
+source. On the target image the same embedding's map, averaged over crops and over several random
+initialisations, peaks at the corresponding point: its argmax is the answer.
+
+Settings follow the authors' released configuration (ubc-vision/LDM_correspondences and their
+benchmark wrapper): Adam lr 0.0023755, 129 steps, 5 initialisations, the timestep
+`timesteps(50)[-8]` (t = 141 on SD's schedule), Gaussian sigma 27.98 px at 512 px, crops of 93.17%
+of the side, 20 crops on the target (the first four at the corners), the first 4 decoder cross
+layers at 16x16 and 32x32 (at 512 px: their layers 5-8 counted from 0 over the layers they store).
+Departures: noise is Gaussian (their code draws torch.rand, uniform); the target uses the same
+timestep as the source (theirs is hard-coded to timesteps[-3] there); no horizontal flips (their
+default probability is 0).
+
+    python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
+    python -m recipes.correspondence --toy 50 --weights weights/toy   # PCK@0.1 on toy scenes
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from recipes import load, model_options
+
+
+@dataclass(frozen=True)
+class Settings:
+    lr: float = 0.0023755632081200314  # Adam, their tuned value
+    steps: int = 129  # optimisation steps per initialisation
+    inits: int = 5  # random initialisations; their target maps are averaged
+    schedule: int = 50  # DDIM steps of the schedule the timestep is taken from
+    noise_index: int = -8  # which of its timesteps: [-8] is t = 141 at 50 steps
+    sigma: float = 27.97853316316864 / 512  # the Gaussian's std, as a fraction of the side
+    crop: float = 0.9316549294381423  # crop side as a fraction of the image side
+    crops: int = 20  # crops averaged on the target image
+    layers: int = 4  # decoder cross layers read (first ones at the two coarsest levels)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m recipes.correspondence", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", type=Path, help="image holding the query point")
+    p.add_argument("target", nargs="?", type=Path, help="image to find the point in")
+    p.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"),
+                   help="the query, in the source image's pixels (x right, y down)")
+    p.add_argument("--toy", type=int, metavar="PAIRS", help="instead: evaluate PCK on PAIRS "
+                   "held-out toy scene pairs (needs train/scenes.py and the toy model)")
+    p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold, a fraction of the "
+                   "image side (default 0.1)")
+    for f in fields(Settings):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"(default {f.default:.6g})")
+    model_options(p)
+    p.add_argument("-o", "--output", type=Path, default=Path("match.png"),
+                   help="picture: source with the query, target with the answer and its map")
+    args = p.parse_args(argv)
+    if args.toy is None and (args.target is None or args.point is None):
+        p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
+    if args.steps < 1 or args.inits < 1 or args.crops < 1 or args.layers < 1:
+        p.error("--steps, --inits, --crops and --layers must be at least 1")
+    if not 0 < args.crop <= 1 or args.sigma <= 0:
+        p.error("--crop must be in (0, 1] and --sigma positive")
+    return args
+
+
+if __name__ == "__main__":
+    parse()  # --help and usage errors answer before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sd import ddim  # noqa: E402
+from sd.attention import Control, apply_map, attention, attention_map  # noqa: E402
+from sd.pipeline import Pipeline  # noqa: E402
+
+
+class FirstTokenMaps(Control):
+    """Keeps, differentiably, the head-averaged map of context position 1 at the named sites."""
+
+    def __init__(self, sites: list[str]):
+        super().__init__()
+        self.sites, self.maps = sites, {}
+
+    def __call__(self, q, k, v, site):
+        if site.name not in self.sites:
+            return attention(q, k, v)
+        attn = attention_map(q, k)  # fp32, keeps the graph back to the context
+        self.maps[site.name] = (attn[..., 1].mean(1), site)  # [B, h*w]
+        return apply_map(attn, v)
+
+
+def decoder_sites(pipe: Pipeline, count: int) -> list[str]:
+    """The first `count` decoder cross layers at the two coarsest levels that have attention
+    (SD 2.1 at 512 px: 16x16 and 32x32, as the paper reads; the toy model: 8x8 and 16x16)."""
+    cross = [s for s in pipe.models.unet.sites if s.kind == "cross" and s.place == "up"]
+    levels = sorted({s.level for s in cross}, reverse=True)[:2]
+    return [s.name for s in cross if s.level in levels][:count]
+
+
+def token_maps(pipe: Pipeline, z: torch.Tensor, context: torch.Tensor, sites: list[str], t: int,
+               noise: torch.Tensor) -> torch.Tensor:
+    """Maps [B, layers, H, W] at image size (bilinear) of the noised latent z at timestep t."""
+    ctrl = FirstTokenMaps(sites)
+    pipe.models.unet(ddim.add_noise(z, noise, t, pipe.ac), t, context.to(pipe.dtype), ctrl)
+    hw, size = z.shape[-2:], [n * pipe.cfg.vae.factor for n in z.shape[-2:]]
+    maps = [m.unflatten(-1, s.shape(hw))[:, None] for m, s in ctrl.maps.values()]
+    return torch.cat([F.interpolate(m, size=size, mode="bilinear") for m in maps], 1)
+
+
+def crop_box(point: torch.Tensor, side: int, frac: float, g: torch.Generator) -> tuple[int, ...]:
+    """(x0, y0, c): a random c x c crop holding `point` at least 15% of c inside its border where
+    the image allows (Hedlin et al.'s crop_image)."""
+    c = max(1, round(side * frac))
+    margin, start = int(c * 0.15), []
+    for p in point.tolist():
+        lo = min(max(0, int(p) - c + margin), side - c)
+        hi = min(max(0, int(p) - margin), side - c)
+        start.append(int(torch.randint(lo, max(lo, hi) + 1, (1,), generator=g)))
+    return start[0], start[1], c
+
+
+def encode_crop(pipe: Pipeline, image: torch.Tensor, box: tuple[int, ...]) -> torch.Tensor:
+    """The crop of image [1, 3, S, S] in [0, 1], resized back to S x S, as scaled latents."""
+    x0, y0, c = box
+    crop = image[..., y0:y0 + c, x0:x0 + c]
+    crop = F.interpolate(crop, size=image.shape[-2:], mode="bilinear", antialias=True)
+    with torch.no_grad():
+        z = pipe.models.vae.encode(crop.to(pipe.device, pipe.dtype) * 2 - 1).mean
+    return z * pipe.cfg.vae.scaling
+
+
+def gaussian(point: torch.Tensor, side: int, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) around `point` (x, y) on a side x side grid of pixel centres."""
+    c = torch.arange(side, dtype=torch.float32) + 0.5
+    d2 = (c[None, :] - point[0]) ** 2 + (c[:, None] - point[1]) ** 2
+    return torch.exp(-d2 / (2 * sigma**2))
+
+
+def timestep(pipe: Pipeline, s: Settings) -> int:
+    return int(ddim.timesteps(s.schedule, pipe.cfg.schedule)[s.noise_index])
+
+
+def optimise(pipe: Pipeline, image: torch.Tensor, point: torch.Tensor, s: Settings,
+             g: torch.Generator, sites: list[str]) -> tuple[torch.Tensor, list[float]]:
+    """One initialisation: the fitted context [1, 77, width] and the loss at every step."""
+    side, t = image.shape[-1], timestep(pipe, s)
+    width = pipe.cfg.text.width
+    context = torch.randn(1, pipe.cfg.text.max_len, width, generator=g).to(pipe.device)
+    context.requires_grad_(True)
+    opt, losses = torch.optim.Adam([context], lr=s.lr), []
+    for _ in range(s.steps):
+        box = crop_box(point, side, s.crop, g)
+        z = encode_crop(pipe, image, box)
+        where = (point - torch.tensor(box[:2])) * side / box[2]  # the point in the resized crop
+        target = gaussian(where, side, s.sigma * side).to(pipe.device)
+        noise = torch.randn(z.shape, generator=g).to(pipe.device, pipe.dtype)
+        maps = token_maps(pipe, z, context, sites, t, noise)
+        # Each layer's map against the Gaussian, then averaged over layers, as their code does.
+        loss = F.mse_loss(maps, target.expand_as(maps))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return context.detach(), losses
+
+
+@torch.no_grad()
+def locate(pipe: Pipeline, image: torch.Tensor, context: torch.Tensor, s: Settings,
+           g: torch.Generator, sites: list[str]) -> torch.Tensor:
+    """The layer-averaged map [S, S] over `s.crops` crops: the first four at the corners, then
+    around the running argmax (Hedlin et al.'s run_image_with_tokens_cropped)."""
+    side, t = image.shape[-1], timestep(pipe, s)
+    total, count = torch.zeros(side, side), torch.zeros(side, side)
+    corners = [(0, 0), (side, 0), (0, side), (side, side)]
+    for i in range(s.crops):
+        at = torch.tensor(corners[i] if i < 4 else argmax_point(total / count.clamp_min(1)))
+        x0, y0, c = box = crop_box(at, side, s.crop, g)
+        z = encode_crop(pipe, image, box)
+        noise = torch.randn(z.shape, generator=g).to(pipe.device, pipe.dtype)
+        m = token_maps(pipe, z, context, sites, t, noise).mean(1, keepdim=True).float().cpu()
+        total[y0:y0 + c, x0:x0 + c] += F.interpolate(m, size=(c, c), mode="bilinear")[0, 0]
+        count[y0:y0 + c, x0:x0 + c] += 1
+    return total / count.clamp_min(1)
+
+
+def argmax_point(m: torch.Tensor) -> tuple[float, float]:
+    """(x, y) of the centre of the map's largest pixel."""
+    i = int(m.argmax())
+    return i % m.shape[1] + 0.5, i // m.shape[1] + 0.5
+
+
+def correspond(pipe: Pipeline, source: torch.Tensor, target: torch.Tensor,
+               point: tuple[float, float], s: Settings = Settings(), seed: int = 0,
+               progress: bool = False) -> tuple[tuple[float, float], torch.Tensor]:
+    """The point in `target` [1, 3, S, S] matching `point` (x, y) in `source`, and the map
+    [S, S] (mean over initialisations) whose argmax it is."""
+    g, sites = torch.Generator().manual_seed(seed), decoder_sites(pipe, s.layers)
+    query, heat = torch.tensor(point, dtype=torch.float32), 0
+    for i in range(s.inits):
+        context, losses = optimise(pipe, source, query, s, g, sites)
+        heat = heat + locate(pipe, target, context, s, g, sites) / s.inits
+        if progress:
+            print(f"init {i + 1}/{s.inits}: loss {losses[0]:.4g} -> {losses[-1]:.4g}",
+                  file=sys.stderr)
+    return argmax_point(heat), heat
+
+
+def pck(pred: torch.Tensor, true: torch.Tensor, reference: float | torch.Tensor,
+        alpha: float = 0.1) -> float:
+    """Percentage of correct keypoints: the fraction of predictions [N, 2] within
+    alpha * reference of the truth (reference: the image side, or per-point box sizes)."""
+    return ((pred - true).norm(dim=-1) <= alpha * torch.as_tensor(reference)).float().mean().item()
+
+
+def keypoints(subject) -> torch.Tensor:
+    """[K, 2] pixel points defined on a toy subject: the centre (mean of its outline), the tips
+    of triangles, squares and stars and a heart's bottom, placed as train/scenes.py draws them."""
+    import math
+
+    from train.scenes import outline
+
+    poly = torch.tensor(outline(subject.shape)[0], dtype=torch.float32)
+    n = len(poly)  # a heart's outline is parametric in t; its bottom tip is at t = pi
+    tips = {"triangle": poly, "square": poly, "star": poly[::2],
+            "heart": poly[n // 2:n // 2 + 1]}.get(subject.shape, poly[:0])
+    a = math.radians(subject.angle)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    unit = torch.cat([poly.mean(0, keepdim=True), tips])
+    return unit @ rot.T * subject.radius + torch.tensor([subject.x, subject.y])
+
+
+def toy_pairs(count: int, start: int = 0) -> list[tuple]:
+    """Held-out toy scenes with one subject, paired by shape with a different colour (so places,
+    sizes and colours differ), shapes in turn: [(source scene, target scene), ...]."""
+    from train.scenes import SHAPES, test_scene
+
+    waiting, pairs, i = {}, {shape: [] for shape in SHAPES}, start
+    while sum(map(len, pairs.values())) < count * len(SHAPES) and i < start + 100 * count + 1000:
+        scene, i = test_scene(i, two=0.0), i + 1
+        s = scene.subjects[0] if len(scene.subjects) == 1 else None
+        if s is None:
+            continue
+        other = waiting.pop(s.shape, None)
+        if other is not None and other.subjects[0].colour != s.colour:
+            pairs[s.shape].append((other, scene))
+        else:
+            waiting[s.shape] = scene
+    turns = zip(*pairs.values())  # one pair of each shape, then the next
+    return [pair for turn in turns for pair in turn][:count]
+
+
+def evaluate_toy(pipe: Pipeline, pairs: int = 50, alpha: float = 0.1, s: Settings = Settings(),
+                 seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
+    with two baselines: a uniformly random point, and the source point copied unchanged."""
+    from train.scenes import render
+
+    to_image = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    preds, trues, copies = [], [], []
+    for n, (src, tgt) in enumerate(toy_pairs(pairs)):
+        source, target = to_image(render(src)[0]), to_image(render(tgt)[0])
+        for k, (p, q) in enumerate(zip(keypoints(src.subjects[0]), keypoints(tgt.subjects[0]))):
+            found, _ = correspond(pipe, source, target, tuple(p.tolist()), s, seed + 1000 * n + k)
+            preds.append(torch.tensor(found)), trues.append(q), copies.append(p)
+        if progress:
+            print(f"pair {n + 1}/{pairs}: PCK so far "
+                  f"{pck(torch.stack(preds), torch.stack(trues), source.shape[-1], alpha):.3f}",
+                  file=sys.stderr)
+    side, true = source.shape[-1], torch.stack(trues)
+    g = torch.Generator().manual_seed(seed)
+    return {"pck": pck(torch.stack(preds), true, side, alpha), "keypoints": len(trues),
+            "chance": pck(torch.rand(true.shape, generator=g) * side, true, side, alpha),
+            "copy source point": pck(torch.stack(copies), true, side, alpha)}
+
+
+def picture(source: torch.Tensor, target: torch.Tensor, point, found, heat: torch.Tensor):
+    """Source with the query, target with the answer, the map over the target."""
+    from PIL import ImageDraw
+
+    from sd.images import grid, overlay, to_pil
+
+    src, tgt = to_pil(torch.cat([source, target]))
+    m = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
+    tiles = [src, tgt, overlay(tgt, m)]
+    r = max(2, src.width // 64)
+    for im, (x, y) in ((tiles[0], point), (tiles[1], found), (tiles[2], found)):
+        ImageDraw.Draw(im).ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=r)
+    return grid([tiles])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from sd.images import load_image, save_image
+    from sd.weights import WeightsError
+
+    s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    try:
+        pipe = load(args)
+        side = pipe.cfg.resolution
+        if args.toy is not None:
+            result = evaluate_toy(pipe, args.toy, args.alpha, s, args.seed, not args.quiet)
+            print(", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                            for k, v in result.items()))
+            return 0
+        source, target = (load_image(p, side, side) for p in (args.source, args.target))
+        from PIL import Image
+
+        with Image.open(args.source) as im:  # the query in the resized, centre-cropped image
+            w, h = im.size
+        point = tuple((p - (n - min(w, h)) / 2) * side / min(w, h)
+                      for p, n in zip(args.point, (w, h)))
+        if not all(0 <= p < side for p in point):
+            raise ValueError(f"--point {args.point[0]:g} {args.point[1]:g} is outside the "
+                             f"centre square of the {w}x{h} source image")
+        found, heat = correspond(pipe, source, target, point, s, args.seed, not args.quiet)
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_image(picture(source, target, point, found, heat), args.output)
+    print(f"query ({point[0]:.1f}, {point[1]:.1f}) -> ({found[0]:.1f}, {found[1]:.1f}) in "
+          f"{side}x{side} pixels; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
