@@ -30,15 +30,28 @@ from recipes import load, model_options
 
 @dataclass(frozen=True)
 class Settings:
-    lr: float = 0.0023755632081200314  # Adam, their tuned value
-    steps: int = 129  # optimisation steps per initialisation
-    inits: int = 5  # random initialisations; their target maps are averaged
-    schedule: int = 50  # DDIM steps of the schedule the timestep is taken from
-    noise_index: int = -8  # which of its timesteps: [-8] is t = 141 at 50 steps
-    sigma: float = 27.97853316316864 / 512  # the Gaussian's std, as a fraction of the side
-    crop: float = 0.9316549294381423  # crop side as a fraction of the image side
-    crops: int = 20  # crops averaged on the target image
-    layers: int = 4  # decoder cross layers read (first ones at the two coarsest levels)
+    lr: float = 0.0023755632081200314
+    steps: int = 129
+    inits: int = 5
+    schedule: int = 50
+    noise_index: int = -8
+    sigma: float = 27.97853316316864 / 512
+    crop: float = 0.9316549294381423
+    crops: int = 20
+    layers: int = 4
+
+
+HELP = {  # --help's words for each setting
+    "lr": "Adam learning rate of the embedding",
+    "steps": "optimisation steps per initialisation",
+    "inits": "random initial embeddings; their target maps are averaged",
+    "schedule": "DDIM steps of the schedule the timestep is taken from",
+    "noise_index": "which of its timesteps noises the image (-8 of 50: t = 141)",
+    "sigma": "the Gaussian's std, as a fraction of the image side",
+    "crop": "random crop side, as a fraction of the image side",
+    "crops": "crops averaged on the target (the first four at the corners)",
+    "layers": "decoder cross layers read: the first ones at the two coarsest levels",
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "image side (default 0.1)")
     for f in fields(Settings):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"(default {f.default:.6g})")
+                       help=f"{HELP[f.name]} (default {f.default:.6g})")
     model_options(p)
     p.add_argument("-o", "--output", type=Path, default=Path("match.png"),
                    help="picture: source with the query, target with the answer and its map")
