@@ -11,6 +11,7 @@ at import time, so every recipe's --help answers before torch loads.
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from sd.config import DTYPE_NAMES, PRESETS
@@ -27,6 +28,23 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="of the model; the optimised tensor is always fp32 (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def settings_options(p: argparse.ArgumentParser, settings: type, words: dict[str, str]) -> None:
+    """One option per field of a frozen Settings dataclass (noise_index -> --noise-index), with
+    `words[field]` and the default as its help; tuple fields take several values."""
+    for f in fields(settings):
+        many = isinstance(f.default, tuple)
+        shown = " ".join(map(str, f.default)) if many else f"{f.default:.6g}"
+        p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+" if many else None,
+                       type=type(f.default[0] if many else f.default), default=f.default,
+                       help=f"{words[f.name]} (default {shown})")
+
+
+def settings_from(args: argparse.Namespace, settings: type):
+    """The Settings instance the options of `settings_options` give."""
+    values = {f.name: getattr(args, f.name) for f in fields(settings)}
+    return settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def load(args: argparse.Namespace):

@@ -22,10 +22,10 @@ Departure: the features are each self-attention layer's output before its output
 
 import argparse
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options
+from recipes import load, model_options, settings_from, settings_options
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", help="the same prompt, changed as the photo should change")
     p.add_argument("--toy", type=int, metavar="SCENES", help="instead: edit the subject's colour "
                    "in SCENES held-out toy scenes with DDS and CDS, and report background PSNR")
-    for f in fields(Settings):
-        many = isinstance(f.default, tuple)
-        default = " ".join(map(str, f.default)) if many else f.default
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int if many else type(f.default),
-                       nargs="+" if many else None, default=f.default,
-                       help=f"{HELP[f.name]} (default {default})")
+    settings_options(p, Settings, HELP)
     model_options(p)
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="edited image")
     args = p.parse_args(argv)
@@ -81,7 +76,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--iterations, --patches and --patch-sizes must be at least 1")
     if not 0 <= args.t_min < args.t_max <= 1000 or args.temperature <= 0:
         p.error("need 0 <= --t-min < --t-max <= 1000 and a positive --temperature")
-    args.patch_sizes = tuple(args.patch_sizes)
     return args
 
 
@@ -233,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from sd.images import save_image, to_pil
     from sd.weights import WeightsError
 
-    s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    s = settings_from(args, Settings)
     try:
         pipe = load(args)
         if args.toy is not None:

@@ -12,9 +12,8 @@ benchmark wrapper): Adam lr 0.0023755, 129 steps, 5 initialisations, the timeste
 `timesteps(50)[-8]` (t = 141 on SD's schedule), Gaussian sigma 27.98 px at 512 px, crops of 93.17%
 of the side, 20 crops on the target (the first four at the corners), the first 4 decoder cross
 layers at 16x16 and 32x32 (at 512 px: their layers 5-8 counted from 0 over the layers they store).
-Departures: noise is Gaussian (their code draws torch.rand, uniform); the target uses the same
-timestep as the source (theirs is hard-coded to timesteps[-3] there); no horizontal flips (their
-default probability is 0).
+Departures: Gaussian noise (their code draws torch.rand, uniform); the target is noised at the
+same timestep as the source (theirs hard-codes timesteps[-3] there); no flips (their default).
 
     python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
     python -m recipes.correspondence --toy 50 --weights weights/toy   # PCK@0.1 on toy scenes
@@ -22,10 +21,10 @@ default probability is 0).
 
 import argparse
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options
+from recipes import load, model_options, settings_from, settings_options
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "held-out toy scene pairs (needs train/scenes.py and the toy model)")
     p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold, a fraction of the "
                    "image side (default 0.1)")
-    for f in fields(Settings):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"{HELP[f.name]} (default {f.default:.6g})")
+    settings_options(p, Settings, HELP)
     model_options(p)
     p.add_argument("-o", "--output", type=Path, default=Path("match.png"),
                    help="picture: source with the query, target with the answer and its map")
@@ -116,9 +113,10 @@ def decoder_sites(pipe: Pipeline, count: int) -> list[str]:
 
 
 def token_maps(pipe: Pipeline, z: torch.Tensor, context: torch.Tensor, sites: list[str], t: int,
-               noise: torch.Tensor) -> torch.Tensor:
-    """Maps [B, layers, H, W] at image size (bilinear) of the noised latent z at timestep t."""
-    ctrl = FirstTokenMaps(sites)
+               g: torch.Generator) -> torch.Tensor:
+    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t with noise
+    drawn from g (Gaussian; their code draws uniform noise, torch.rand, which we take for a slip)."""
+    ctrl, noise = FirstTokenMaps(sites), torch.randn(z.shape, generator=g).to(z.device, z.dtype)
     pipe.models.unet(ddim.add_noise(z, noise, t, pipe.ac), t, context.to(pipe.dtype), ctrl)
     hw, size = z.shape[-2:], [n * pipe.cfg.vae.factor for n in z.shape[-2:]]
     maps = [m.unflatten(-1, s.shape(hw))[:, None] for m, s in ctrl.maps.values()]
@@ -171,8 +169,7 @@ def optimise(pipe: Pipeline, image: torch.Tensor, point: torch.Tensor, s: Settin
         z = encode_crop(pipe, image, box)
         where = (point - torch.tensor(box[:2])) * side / box[2]  # the point in the resized crop
         target = gaussian(where, side, s.sigma * side).to(pipe.device)
-        noise = torch.randn(z.shape, generator=g).to(pipe.device, pipe.dtype)
-        maps = token_maps(pipe, z, context, sites, t, noise)
+        maps = token_maps(pipe, z, context, sites, t, g)
         # Each layer's map against the Gaussian, then averaged over layers, as their code does.
         loss = F.mse_loss(maps, target.expand_as(maps))
         opt.zero_grad()
@@ -194,8 +191,7 @@ def locate(pipe: Pipeline, image: torch.Tensor, context: torch.Tensor, s: Settin
         at = torch.tensor(corners[i] if i < 4 else argmax_point(total / count.clamp_min(1)))
         x0, y0, c = box = crop_box(at, side, s.crop, g)
         z = encode_crop(pipe, image, box)
-        noise = torch.randn(z.shape, generator=g).to(pipe.device, pipe.dtype)
-        m = token_maps(pipe, z, context, sites, t, noise).mean(1, keepdim=True).float().cpu()
+        m = token_maps(pipe, z, context, sites, t, g).mean(1, keepdim=True).float().cpu()
         total[y0:y0 + c, x0:x0 + c] += F.interpolate(m, size=(c, c), mode="bilinear")[0, 0]
         count[y0:y0 + c, x0:x0 + c] += 1
     return total / count.clamp_min(1)
@@ -252,17 +248,16 @@ def toy_pairs(count: int, start: int = 0) -> list[tuple]:
     sizes and colours differ), shapes in turn: [(source scene, target scene), ...]."""
     from train.scenes import SHAPES, test_scene
 
-    waiting, pairs, i = {}, {shape: [] for shape in SHAPES}, start
-    while sum(map(len, pairs.values())) < count * len(SHAPES) and i < start + 100 * count + 1000:
+    waiting, pairs, per, i = {}, {shape: [] for shape in SHAPES}, -(-count // len(SHAPES)), start
+    while min(map(len, pairs.values())) < per and i < start + 1000 * per:
         scene, i = test_scene(i, two=0.0), i + 1
-        s = scene.subjects[0] if len(scene.subjects) == 1 else None
-        if s is None:
+        if len(scene.subjects) != 1:
             continue
-        other = waiting.pop(s.shape, None)
-        if other is not None and other.subjects[0].colour != s.colour:
-            pairs[s.shape].append((other, scene))
+        shape, other = scene.subjects[0].shape, waiting.pop(scene.subjects[0].shape, None)
+        if other is not None and other.subjects[0].colour != scene.subjects[0].colour:
+            pairs[shape].append((other, scene))
         else:
-            waiting[s.shape] = scene
+            waiting[shape] = scene
     turns = zip(*pairs.values())  # one pair of each shape, then the next
     return [pair for turn in turns for pair in turn][:count]
 
@@ -311,14 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     from sd.images import load_image, save_image
     from sd.weights import WeightsError
 
-    s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    s = settings_from(args, Settings)
     try:
         pipe = load(args)
         side = pipe.cfg.resolution
         if args.toy is not None:
             result = evaluate_toy(pipe, args.toy, args.alpha, s, args.seed, not args.quiet)
-            print(", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
-                            for k, v in result.items()))
+            print(", ".join(f"{k}: {v:.3g}" for k, v in result.items()))
             return 0
         source, target = (load_image(p, side, side) for p in (args.source, args.target))
         from PIL import Image
