@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.heatmap:
             words = [pipe.tokenizer.word_indices(args.prompt, w) for w in args.heatmap]
             tokens, spans = [i for w in words for i in w], [len(w) for w in words]
-            f = cfg.vae.factor
-            heat = HeatMap(tokens, ((args.height or cfg.resolution) // f,
-                                    (args.width or cfg.resolution) // f))
+            hw = [(n or cfg.resolution) // cfg.vae.factor for n in (args.height, args.width)]
+            heat = HeatMap(tokens, tuple(hw))
         images = pipe([args.prompt] * args.batch, args.negative, args.steps, args.guidance,
                       args.seed, height=args.height, width=args.width, ctrl=heat, eta=args.eta,
                       progress=not args.quiet)

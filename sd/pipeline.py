@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -25,9 +24,8 @@ from sd.weights import Models, build, load, read
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 (GroupNorm and explicit attention maps still run in fp32), else CPU fp32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+    cuda = torch.cuda.is_available()
+    return (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
 
 
 def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
@@ -127,11 +125,8 @@ class Pipeline:
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
                  progress: bool = False, callback=None):
-        """Text-to-image: PIL images (output="pil") or final latents (output="latent").
-
-        `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
-        inversion's optimised embeddings).
-        """
+        """Text-to-image: PIL images (output="pil") or final latents (output="latent"). `uncond`
+        replaces the negative prompt's context: one tensor, or one per step (null-text's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
@@ -181,7 +176,7 @@ class HeatMap(Control):
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
         maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
-        maps = F.interpolate(maps, size=self.hw, mode="bicubic").clamp_min(0)
+        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bicubic").clamp_min(0)
         self.total = maps if self.total is None else self.total + maps
         self.sites.add(site.name)
         return apply_map(attn, v)
