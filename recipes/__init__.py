@@ -47,6 +47,16 @@ def settings_from(args: argparse.Namespace, settings: type):
     return settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def toy_world():
+    """train.scenes, the toy world's scene generator, or a ValueError that says it is missing."""
+    try:
+        from train import scenes
+    except ImportError as e:
+        raise ValueError("--toy needs the toy world's scene generator, train/scenes.py, which "
+                         "this checkout does not have") from e
+    return scenes
+
+
 def load(args: argparse.Namespace):
     """The pipeline the options name; says on stderr which model it is. Raises WeightsError."""
     import torch

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options, settings_from, settings_options
+from recipes import load, model_options, settings_from, settings_options, toy_world
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,7 @@ def keypoints(subject) -> torch.Tensor:
     of triangles, squares and stars and a heart's bottom, placed as train/scenes.py draws them."""
     import math
 
-    from train.scenes import outline
-
-    poly = torch.tensor(outline(subject.shape)[0], dtype=torch.float32)
+    poly = torch.tensor(toy_world().outline(subject.shape)[0], dtype=torch.float32)
     n = len(poly)  # a heart's outline is parametric in t; its bottom tip is at t = pi
     tips = {"triangle": poly, "square": poly, "star": poly[::2],
             "heart": poly[n // 2:n // 2 + 1]}.get(subject.shape, poly[:0])
@@ -246,11 +244,11 @@ def keypoints(subject) -> torch.Tensor:
 def toy_pairs(count: int, start: int = 0) -> list[tuple]:
     """Held-out toy scenes with one subject, paired by shape with a different colour (so places,
     sizes and colours differ), shapes in turn: [(source scene, target scene), ...]."""
-    from train.scenes import SHAPES, test_scene
-
-    waiting, pairs, per, i = {}, {shape: [] for shape in SHAPES}, -(-count // len(SHAPES)), start
+    scenes = toy_world()
+    waiting, pairs, i = {}, {shape: [] for shape in scenes.SHAPES}, start
+    per = -(-count // len(scenes.SHAPES))
     while min(map(len, pairs.values())) < per and i < start + 1000 * per:
-        scene, i = test_scene(i, two=0.0), i + 1
+        scene, i = scenes.test_scene(i, two=0.0), i + 1
         if len(scene.subjects) != 1:
             continue
         shape, other = scene.subjects[0].shape, waiting.pop(scene.subjects[0].shape, None)
@@ -266,8 +264,7 @@ def evaluate_toy(pipe: Pipeline, pairs: int = 50, alpha: float = 0.1, s: Setting
                  seed: int = 0, progress: bool = False) -> dict[str, float]:
     """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
     with two baselines: a uniformly random point, and the source point copied unchanged."""
-    from train.scenes import render
-
+    render = toy_world().render
     to_image = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
     preds, trues, copies = [], [], []
     for n, (src, tgt) in enumerate(toy_pairs(pairs)):
@@ -294,10 +291,12 @@ def picture(source: torch.Tensor, target: torch.Tensor, point, found, heat: torc
 
     src, tgt = to_pil(torch.cat([source, target]))
     m = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
-    tiles = [src, tgt, overlay(tgt, m)]
-    r = max(2, src.width // 64)
-    for im, (x, y) in ((tiles[0], point), (tiles[1], found), (tiles[2], found)):
-        ImageDraw.Draw(im).ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=r)
+    k = max(1, 256 // src.width)  # small (toy) images are shown 4x, so the rings can be seen
+    tiles = [im.resize((im.width * k, im.height * k), 0) for im in (src, tgt, overlay(tgt, m))]
+    r = max(3, tiles[0].width // 64)
+    for im, (x, y) in zip(tiles, (point, found, found)):
+        x, y = x * k, y * k
+        ImageDraw.Draw(im).ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=2)
     return grid([tiles])
 
 

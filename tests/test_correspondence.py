@@ -107,7 +107,7 @@ def test_cli_end_to_end_on_tiny(tmp_path):
             "tiny", "--steps", "2", "--inits", "2", "--crops", "5", "-o", str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert "query (20.0, 30.0) ->" in r.stdout
-    assert Image.open(out).size == (3 * 64, 64)
+    assert Image.open(out).size == (3 * 256, 256)  # shown 4x
 
 
 def test_toy_keypoints_and_pairs():
