@@ -192,24 +192,24 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 20, s: Settings = Settings(), see
 
     from PIL import Image
 
-    scenes = toy_world()
+    world = toy_world()
     results: dict[str, list[float]] = {}
     i, done = 0, 0
     while done < scenes:
-        scene, i = scenes.test_scene(i, two=0.0), i + 1
+        scene, i = world.test_scene(i, two=0.0), i + 1
         if len(scene.subjects) != 1:
             continue
         subject = scene.subjects[0]
-        colours = [c for c in scenes.COLOURS if c not in (subject.colour, scene.background)]
+        colours = [c for c in world.COLOURS if c not in (subject.colour, scene.background)]
         edited = replace(scene, subjects=(replace(subject, colour=colours[done % len(colours)]),))
-        photo, masks, _ = scenes.render(scene)
-        ideal = torch.from_numpy(scenes.render(edited)[0]).permute(2, 0, 1).float() / 255
+        photo, masks, _ = world.render(scene)
+        ideal = torch.from_numpy(world.render(edited)[0]).permute(2, 0, 1).float() / 255
         mask = torch.from_numpy(masks[0])
         near = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0  # dilated by 2 px
         z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
         original = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
         for name, w_cut in (("dds", 0.0), ("cds", s.w_cut)):
-            out = pipe.decode(edit(pipe, z, scenes.caption(scene), scenes.caption(edited),
+            out = pipe.decode(edit(pipe, z, world.caption(scene), world.caption(edited),
                                    replace(s, w_cut=w_cut), seed + done))[0].float().cpu()
             results.setdefault(f"{name} background psnr", []).append(psnr(out, original, ~near))
             results.setdefault(f"{name} subject psnr", []).append(psnr(out, ideal, mask))
