@@ -145,8 +145,8 @@ def dds_step(pipe: Pipeline, z_src: torch.Tensor, z_trg: torch.Tensor, cond: tor
     x = ddim.add_noise(torch.cat([z_src, z_trg]), noise.expand(2, -1, -1, -1), t, pipe.ac)
     out = pipe.guided(x.to(pipe.dtype), t, cond, uncond.expand(2, -1, -1), s.guidance, ctrl)
     eps = ddim.to_eps(out.float(), x, ddim.alpha(pipe.ac, t), pipe.cfg.schedule.prediction)
-    cut = sum((patch_nce(f[0], f[1], hw, s, g) for f, hw in ctrl.feats.values()),
-              z_trg.new_zeros(()))
+    features = ctrl.feats.values() if s.w_cut else []  # w_cut 0: DDS alone
+    cut = sum((patch_nce(f[0], f[1], hw, s, g) for f, hw in features), z_trg.new_zeros(()))
     return (eps[1:] - eps[:1]).detach(), cut
 
 
@@ -165,9 +165,8 @@ def edit(pipe: Pipeline, z_src: torch.Tensor, source: str, target: str, s: Setti
         noise = torch.randn(z_src.shape, generator=g).to(z_src.device)
         with torch.set_grad_enabled(s.w_cut != 0):  # DDS alone needs no graph
             delta, cut = dds_step(pipe, z_src, z_trg, cond, uncond, t, noise, s, g)
-            # d/dz_trg of this is scale * w_dds * delta / (h * w): DDS's gradient, as the
-            # official codes apply it through a surrogate loss.
-        with torch.enable_grad():
+        with torch.enable_grad():  # d/dz_trg of `dds` is delta / (h * w): DDS's gradient,
+            # applied through a surrogate loss as the official codes do
             dds = (z_trg * delta).sum() / (z_trg.shape[-2] * z_trg.shape[-1])
             loss = s.scale * s.w_dds * dds + s.w_cut * cut
         opt.zero_grad()
