@@ -73,6 +73,10 @@ def test_unreadable_mask(tmp_path):
                    "cannot be read as an image")
 
 
+def test_bad_size_before_loading():
+    one_line_error(cli(*BASE, "--concept", "sks dog", "--height", "70"), "multiple of 8")
+
+
 @pytest.mark.parametrize("flag", ["--phi", "--a", "--blend-start", "--sweep-a"])
 def test_window_outside_unit_interval(flag):
     args = ["--sweep-phi", "0.1"] if flag == "--sweep-a" else []
