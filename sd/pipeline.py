@@ -7,6 +7,7 @@ conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_unco
 (Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,15 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
+
+
+def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
+         groups: int = 1) -> list[int]:
+    """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
+    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
+    size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half
+    starts = {"uncond": [0] if cond else [], "cond": [cond], "both": sorted({0, cond})}[half]
+    return [s + group * size + i for s in starts for i in range(size)]
 
 
 class Pipeline:
@@ -91,19 +101,23 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, cond: torch.Tensor, uncond, steps: int = 50,
                guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text)."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
+        """Run DDIM from x_T. `uncond`: one context, or one per step (null-text); one row serves
+        all prompts. `callback(step, t, x)` returns the latents to go on from (as k-diffusion)."""
         if ctrl is not None:
-            ctrl.prompts = x.shape[0]
+            ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)
         pred = self.cfg.schedule.prediction
         for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="sampling")):
             if ctrl is not None:
                 ctrl.step, ctrl.t = i, t
             u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-            out = self.guided(x, t, cond, u, guidance, ctrl)
+            out = self.guided(x, t, cond, u.expand(len(cond), -1, -1), guidance, ctrl)
             t_prev = ddim.previous(t, steps, self.cfg.schedule)
             x = ddim.step(out, x, t, t_prev, self.ac, pred, eta, generator).to(x.dtype)
+            if callback is not None:
+                x = callback(i, t, x)
         return x
 
     def __call__(self, prompts: str | list[str], negative: str | list[str] = "", steps: int = 50,
@@ -111,7 +125,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
-                 progress: bool = False):
+                 progress: bool = False, callback=None):
         """Text-to-image: PIL images (output="pil") or final latents (output="latent").
 
         `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
@@ -129,7 +143,7 @@ class Pipeline:
         if uncond is None:
             uncond = self.encode_prompt(negative).to(self.dtype)
         x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
-                        eta, g, progress)
+                        eta, g, progress, callback)
         return x if output == "latent" else to_pil(self.decode(x))
 
     @torch.no_grad()
@@ -165,10 +179,7 @@ class HeatMap(Control):
             return attention(q, k, v)
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
-        w = self.hw[1]
-        for _ in range(site.level):  # each UNet downsampler maps a side n to ceil(n / 2)
-            w = (w + 1) // 2
-        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), -1, w)
+        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
         maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
         self.total = maps if self.total is None else self.total + maps
         return apply_map(attn, v)
