@@ -28,6 +28,7 @@ from sd import ddim
 from sd.files import atomic_write
 from sd.pipeline import Pipeline
 
+MAX_STEPS = 100  # null-text inversion's lr * (1 - i/100) (the notebook's) is negative past it
 FORMAT = "sd21-inversion/1"  # safetensors metadata "format": what the file holds, and its version
 
 
@@ -108,7 +109,7 @@ def null_text_inversion(pipe: Pipeline, trajectory: list[torch.Tensor], cond: to
       invariant; a power of two changes no bit in fp32.
     """
     steps, s, unet, dtype = len(trajectory) - 1, pipe.cfg.schedule, pipe.models.unet, pipe.dtype
-    if steps > 100:
+    if steps > MAX_STEPS:
         raise ValueError(f"{steps} steps: the learning rate lr * (1 - i/100) is < 0 past 100")
     for m in (pipe.models.text_encoder, pipe.models.vae, unet):
         m.requires_grad_(False)
