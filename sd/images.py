@@ -34,28 +34,15 @@ def rgb(image: Image.Image) -> Image.Image:
     PIL's convert clips 16-bit greyscale ("I;16", 0..65535) to 255, white: scale it first."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):  # 65535 / 257 = 255
-        image = Image.fromarray((np.asarray(image, np.float64) / 257).clip(0, 255).astype(np.uint8))
+        image = Image.fromarray((np.asarray(image) / 257).round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
-
-
-def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
-    """What load_image's resize-and-crop of an image of `size` (w, h) loses, if it is a lot."""
-    w, h = size
-    scale = max(width / w, height / h)
-    kept = (width * height) / (w * h * scale**2)  # the share of the image the crop keeps
-    if scale > 4:
-        return f"it is {w}x{h}, scaled up {scale:.3g}x to {width}x{height}: use a larger image"
-    if kept < 0.25:
-        return f"it is {w}x{h}: a {width}x{height} crop keeps {kept:.1%}: crop it yourself first"
-    return None
 
 
 def image_format(path: Path) -> str:
     """The PIL format that `path`'s extension names; a ValueError for an unknown extension."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png, .jpg or "
-                         ".webp")
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")
     return fmt
 
 

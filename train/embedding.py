@@ -29,16 +29,7 @@ from sd.tokenizer import Tokenizer
 from sd.weights import read
 from train import UsageError, checkpoints
 from train.dataset import ImageFolder, draw, examples
-from train.loop import (
-    Denoiser,
-    Settings,
-    begin,
-    denoising_loss,
-    finish,
-    fit,
-    load_pipeline,
-    validate,
-)
+from train.loop import Denoiser, Settings, begin, denoising_loss, finish, fit, load, validate
 
 # diffusers textual_inversion.py imagenet_templates_small / imagenet_style_templates_small
 TEMPLATES = {
@@ -116,7 +107,7 @@ def train(args: argparse.Namespace) -> Result:
         if args.token not in (learned := read(folder / FILE)):
             raise UsageError(f"--resume {folder}: it learned {', '.join(learned)}, not "
                              f"{args.token!r}: resume with --token {next(iter(learned))}")
-    pipe = load_pipeline(args.model, args.weights, run.device, args.seed)
+    pipe = load(args, run, cfg)
     m, emb = pipe.models, pipe.models.text_encoder.embeddings
     n = emb.token_embedding.weight.shape[0]  # rows before the new token
     pipe.add_concepts({args.token: initial_vector(pipe, word_id, args.seed)})
@@ -136,13 +127,13 @@ def train(args: argparse.Namespace) -> Result:
     def vectors() -> dict[str, torch.Tensor]:
         return {args.token: rows.new.detach()[0].cpu().contiguous()}
 
-    def load(folder: Path) -> None:
+    def load_vector(folder: Path) -> None:
         with torch.no_grad():
             rows.new.copy_(read(folder / FILE)[args.token][None])
 
     prompt = args.validation_prompt or f"a photo of {args.token}"
     losses = fit(run, Settings.of(args), Denoiser(m.unet, m.text_encoder), [rows.new], loss,
-                 write=lambda folder: save_file(vectors(), folder / FILE), load=load,
+                 write=lambda folder: save_file(vectors(), folder / FILE), load=load_vector,
                  preview=lambda file: validate(pipe, prompt, file, args.validation_steps),
                  desc="textual inversion")
 

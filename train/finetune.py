@@ -21,17 +21,7 @@ from sd.pipeline import Pipeline
 from sd.weights import FILES, save
 from train import checkpoints
 from train.dataset import IMAGE_SUFFIXES, ImageFolder, draw, examples
-from train.loop import (
-    Denoiser,
-    Run,
-    Settings,
-    begin,
-    denoising_loss,
-    finish,
-    fit,
-    load_pipeline,
-    validate,
-)
+from train.loop import Denoiser, Run, Settings, begin, denoising_loss, finish, fit, load, validate
 
 
 def class_images(pipe: Pipeline, prompt: str, folder: Path, count: int, side: int, run: Run,
@@ -70,7 +60,7 @@ def train(args: argparse.Namespace) -> Result:
     if args.resume:  # before anything loads: is it a checkpoint of this kind of run?
         checkpoints.expect(checkpoints.find(args.out, args.resume),
                            [f"{FILES[n]}.safetensors" for n in names], " and ".join(names))
-    pipe = load_pipeline(args.model, args.weights, run.device, args.seed)
+    pipe = load(args, run, cfg)
     m = pipe.models
     classes = None
     if args.class_prompt:

@@ -227,6 +227,12 @@ def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
     return run, cfg, side
 
 
+def load(args: argparse.Namespace, run: Run, cfg: ModelConfig) -> Pipeline:
+    """load_pipeline for a trainer, announced with a `model:` line as every CLI does."""
+    run.say(f"model: {cfg.name} ({cfg.schedule.prediction}) on {run.device}, fp32 weights")
+    return load_pipeline(args.model, args.weights, run.device, args.seed)
+
+
 def load_pipeline(model: str, weights: Path | None, device: torch.device, seed: int) -> Pipeline:
     """fp32 master weights; `--model tiny` without --weights: random tiny weights from `seed`."""
     if model == "tiny" and weights is None:

@@ -36,6 +36,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
+    """What load_image's resize-and-crop of an image of `size` (w, h) loses, if it is a lot."""
+    w, h = size
+    scale = max(width / w, height / h)
+    kept = (width * height) / (w * h * scale**2)  # the share of the image the crop keeps
+    if scale > 4:
+        return f"it is {w}x{h}, scaled up {scale:.3g}x to {width}x{height}: use a larger image"
+    if kept < 0.25:
+        return f"it is {w}x{h}: a {width}x{height} crop keeps {kept:.1%}: crop it yourself first"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
@@ -45,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from sd import ddim
     from sd.config import DTYPES
     from sd.files import unwritable
-    from sd.images import fit_warning, load_image, rgb
+    from sd.images import load_image, rgb
     from sd.pipeline import Pipeline, default_device_dtype
     from sd.weights import WeightsError, resolve
     from train.inversion import MAX_STEPS, invert, psnr, reconstruct, save
