@@ -112,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        return 130
     out = args.output
     for i, image in enumerate(images):
         save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))

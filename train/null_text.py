@@ -101,9 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        return 130
     save(inv, out)
     rec, vae = (psnr(pipe.decode(z), image) for z in (reconstruct(pipe, inv), latent))
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance})\n"
