@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,12 +171,18 @@ def test_null_text_arguments_are_checked_before_loading(tmp_path, photos):
 
 
 def test_fingerprint_covers_every_tensor(tiny, tmp_path):
-    pipe = Pipeline(tiny, TINY)
+    # every kind of tensor, in a model smaller than the tiny preset: one fingerprint per tensor
+    small = replace(TINY, text=replace(TINY.text, vocab_size=512, layers=1),
+                    vae=replace(TINY.vae, channels=(16, 16)),
+                    unet=replace(TINY.unet, channels=(32, 32), attention=(True, False),
+                                 heads=(2, 2), layers_per_block=1))
+    models = weights.build(small)
+    pipe = Pipeline(models, small)
     base = nt.fingerprint(pipe)
     changed = 0
     with torch.no_grad():
         for part in ("text_encoder", "vae", "unet"):
-            for name, w in getattr(tiny, part).state_dict().items():
+            for name, w in getattr(models, part).state_dict().items():
                 flat = w.view(-1)
                 k = flat.numel() // 2
                 old = flat[k].clone()
@@ -185,6 +192,7 @@ def test_fingerprint_covers_every_tensor(tiny, tmp_path):
                 changed += 1
     assert nt.fingerprint(pipe) == base
     print(f"changing any one of {changed} tensors changes the fingerprint")
+    pipe = Pipeline(tiny, TINY)
     inv = nt.invert(pipe, torch.zeros(1, 4, 8, 8), "x", steps=2, fast=True)
     nt.save(inv, tmp_path / "x.inv")
     with torch.no_grad():

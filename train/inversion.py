@@ -60,10 +60,8 @@ def fingerprint(pipe: Pipeline) -> str:
     h = hashlib.sha256()
     for part in ("text_encoder", "vae", "unet"):
         for name, w in getattr(pipe.models, part).state_dict().items():
-            columns = torch.zeros(7, dtype=torch.float64, device=w.device)
-            for chunk in w.detach().flatten().split(7 * 2**21):  # bounds the float64 copy
-                chunk = F.pad(chunk.half().double(), (0, -len(chunk) % 7))
-                columns += chunk.view(-1, 7).sum(0)
+            columns = sum(F.pad(c.half().double(), (0, -len(c) % 7)).view(-1, 7).sum(0)
+                          for c in w.detach().flatten().split(7 * 2**21))  # bounds the copy
             h.update(f"{part}.{name}".encode() + columns.cpu().numpy().tobytes())
     return f"{pipe.cfg.name}/{pipe.cfg.schedule.prediction}/{h.hexdigest()[:16]}"
 
