@@ -112,6 +112,10 @@ def check(args: argparse.Namespace) -> None:
         raise UserError("a sweep needs both --sweep-phi and --sweep-a")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    multiple = 64 if args.image else 8  # sd.images.load_image crops photos to multiples of 64
+    for flag, side in (("--height", args.height), ("--width", args.width)):
+        if side is not None and (side <= 0 or side % multiple):
+            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {side}")
     if args.fast and args.image is None:
         raise UserError("--fast chooses how --image is inverted: give --image")
     for path in (args.image, args.inversion, args.embeds, args.mask, args.weights):

@@ -5,7 +5,7 @@
 
 The source branch is the source prompt from x_T (a seed's noise, or a real photo's inversion with
 its per-step null contexts): its output is the source reconstruction. Nothing here parses
-arguments or writes files (that is photoswap/__main__.py).
+arguments or writes files (that is photoswap/__main__.py and photoswap/cli.py).
 """
 
 import re
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from photoswap.align import refinement, subject_indices
-from photoswap.control import PRESETS, PhotoSwap, Settings, Swap, no_swap, p2p
+from photoswap.control import PRESETS, PhotoSwap, Settings, no_swap, p2p
 from sd.pipeline import Pipeline
 
 METHODS = ("photoswap", "p2p", "none")
@@ -89,6 +89,3 @@ def run(pipe: Pipeline, pairs: list[Pair], settings: Settings, steps: int = 50,
     latents = pipe.sample(x.repeat(2, 1, 1, 1), cond.to(pipe.dtype), uncond, steps, guidance,
                           ctrl, progress=progress, callback=ctrl.callback)
     return latents, ctrl
-
-
-__all__ = ["METHODS", "Pair", "Swap", "control", "replace_words", "run", "settings_for"]

@@ -37,6 +37,32 @@ def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
     return [s + group * size + i for s in starts for i in range(size)]
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device: None gives cuda if present; an unusable name is a ValueError saying why."""
+    here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(name) if name else default_device_dtype()[0]
+    except RuntimeError:  # a type PyTorch does not know, such as "gpu"
+        device = torch.device("meta")
+    if (device.index or 0) >= here.get(device.type, 0):
+        have = " or ".join(t for t, n in here.items() if n)
+        raise ValueError(f"--device {name}: this machine has no such device; use {have}")
+    return device
+
+
+def concept_rows(vectors: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Learned tokens' vectors as rows [n, width]; a ValueError for a wrong width or NaN."""
+    for token, v in vectors.items():  # diffusers' files hold [1, width] per token
+        found = v.shape[-1] if v.dim() else 1
+        if found != width or v.numel() != width:
+            sd1 = " (an SD 1.x embedding: SD 1.x is 768 wide)" if found == 768 else ""
+            raise ValueError(f"learned token {token!r} is {list(v.shape)}{sd1}; this model takes "
+                             f"one vector of {width}: use one trained for this model")
+        if not v.isfinite().all():
+            raise ValueError(f"learned token {token!r} holds NaN or infinite values: retrain it")
+    return torch.cat([v.reshape(1, width) for v in vectors.values()])
+
+
 class Pipeline:
     def __init__(self, models: Models, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
         self.models, self.cfg = models, cfg
@@ -57,13 +83,9 @@ class Pipeline:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
         vectors = vectors if isinstance(vectors, dict) else read(vectors)
-        width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
-        rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
-        if len(rows) != len(vectors):
-            raise ValueError("one vector per learned token is supported, got "
-                             f"{len(rows)} vectors for {len(vectors)} tokens")
+        learned = concept_rows(vectors, self.cfg.text.width)
         ids = self.tokenizer.add_tokens(list(vectors))
-        self.models.text_encoder.add_tokens(rows)
+        self.models.text_encoder.add_tokens(learned)
         return ids
 
     @property

@@ -73,6 +73,10 @@ def test_unreadable_mask(tmp_path):
                    "cannot be read as an image")
 
 
+def test_bad_size_before_loading():
+    one_line_error(cli(*BASE, "--concept", "sks dog", "--height", "70"), "multiple of 8")
+
+
 @pytest.mark.parametrize("flag", ["--phi", "--a", "--blend-start", "--sweep-a"])
 def test_window_outside_unit_interval(flag):
     args = ["--sweep-phi", "0.1"] if flag == "--sweep-a" else []
@@ -138,3 +142,18 @@ def test_photo_and_saved_inversion_sources(tmp_path):
     wrong = cli("a photo of a dog", "--subject", "dog", *BASE[3:], "--concept", "sks cat",
                 "--inversion", str(tmp_path / "p.inv"))
     one_line_error(wrong, "was inverted with the prompt")
+
+
+def test_dreambooth_folder_concept(tmp_path):
+    """A DreamBooth'd model is a weights folder: the swap loads it for both branches."""
+    from sd.config import TINY
+    from sd.weights import build, save
+
+    torch.manual_seed(3)
+    m = build(TINY)
+    save(tmp_path / "dog", TINY, unet=m.unet, vae=m.vae, text_encoder=m.text_encoder)
+    r = cli(*BASE, "--concept", "sks dog", "--weights", str(tmp_path / "dog"), "-o",
+            str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["weights"] == \
+        str(tmp_path / "dog")
