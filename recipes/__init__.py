@@ -58,15 +58,14 @@ def toy_world():
 
 
 def load(args: argparse.Namespace):
-    """The pipeline the options name; says on stderr which model it is. Raises WeightsError."""
-    import torch
-
+    """The pipeline the options name; says on stderr which model it is. Raises WeightsError,
+    or ValueError for a device this machine lacks."""
     from sd.config import DTYPES
-    from sd.pipeline import Pipeline, default_device_dtype
+    from sd.pipeline import Pipeline, pick_device
     from sd.weights import resolve
 
     cfg, weights, why = resolve(args.model, args.weights)
-    device = torch.device(args.device) if args.device else default_device_dtype()[0]
+    device = pick_device(args.device)
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {args.dtype}", file=sys.stderr)
     return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])

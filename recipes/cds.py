@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes import load, model_options, settings_from, settings_options, toy_world
+from sd.files import unwritable
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     model_options(p)
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="edited image")
     args = p.parse_args(argv)
+    if message := unwritable(args.output):
+        p.error(message)
     if args.toy is None and (args.image is None or args.source is None or args.target is None):
         p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
     if args.iterations < 1 or args.patches < 1 or min(args.patch_sizes) < 1:
@@ -222,11 +225,16 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 20, s: Settings = Settings(), see
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from sd.images import save_image, to_pil
+    from sd.images import image_format, load_image, save_image, to_pil
     from sd.weights import WeightsError
 
     s = settings_from(args, Settings)
-    try:
+    try:  # what the user gave is checked before the model loads
+        image_format(args.output)
+        if args.toy is not None:
+            toy_world()
+        else:
+            load_image(args.image, 64, 64)
         pipe = load(args)
         if args.toy is not None:
             result = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)

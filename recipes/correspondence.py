@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes import load, model_options, settings_from, settings_options, toy_world
+from sd.files import unwritable
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output", type=Path, default=Path("match.png"),
                    help="picture: source with the query, target with the answer and its map")
     args = p.parse_args(argv)
+    if message := unwritable(args.output):
+        p.error(message)
     if args.toy is None and (args.target is None or args.point is None):
         p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
     if args.steps < 1 or args.inits < 1 or args.crops < 1 or args.layers < 1:
         p.error("--steps, --inits, --crops and --layers must be at least 1")
+    if not -args.schedule <= args.noise_index < args.schedule:
+        p.error(f"--noise-index: give -{args.schedule} to {args.schedule - 1} (--schedule steps)")
     if not 0 < args.crop <= 1 or args.sigma <= 0:
         p.error("--crop must be in (0, 1] and --sigma positive")
     return args
@@ -302,27 +307,32 @@ def picture(source: torch.Tensor, target: torch.Tensor, point, found, heat: torc
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from sd.images import load_image, save_image
+    from PIL import Image, ImageOps
+
+    from sd.images import image_format, load_image, save_image
     from sd.weights import WeightsError
 
     s = settings_from(args, Settings)
-    try:
+    try:  # what the user gave is checked before the model loads
+        image_format(args.output)
+        if args.toy is None:
+            for path in (args.source, args.target):
+                load_image(path, 64, 64)
+            with Image.open(args.source) as im:  # as displayed, and as load_image crops it
+                w, h = ImageOps.exif_transpose(im).size
+            unit = [(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(args.point, (w, h))]
+            if not all(0 <= u < 1 for u in unit):
+                raise ValueError(f"--point {args.point[0]:g} {args.point[1]:g} is outside the "
+                                 f"centre square of the {w}x{h} source image")
+        world = toy_world() if args.toy is not None else None
         pipe = load(args)
         side = pipe.cfg.resolution
-        if args.toy is not None:
+        if world is not None:
             result = evaluate_toy(pipe, args.toy, args.alpha, s, args.seed, not args.quiet)
             print(", ".join(f"{k}: {v:.3g}" for k, v in result.items()))
             return 0
         source, target = (load_image(p, side, side) for p in (args.source, args.target))
-        from PIL import Image
-
-        with Image.open(args.source) as im:  # the query in the resized, centre-cropped image
-            w, h = im.size
-        point = tuple((p - (n - min(w, h)) / 2) * side / min(w, h)
-                      for p, n in zip(args.point, (w, h)))
-        if not all(0 <= p < side for p in point):
-            raise ValueError(f"--point {args.point[0]:g} {args.point[1]:g} is outside the "
-                             f"centre square of the {w}x{h} source image")
+        point = tuple(u * side for u in unit)
         found, heat = correspond(pipe, source, target, point, s, args.seed, not args.quiet)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
