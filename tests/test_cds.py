@@ -98,6 +98,13 @@ def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
             "--model", "tiny")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr and not (ROOT / "out.png").exists()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    r = cli("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a", "--target", "b",
+            "--model", "tiny", "-o", str(tmp_path / "out.xyz"))
+    assert r.returncode == 1 and "extension" in r.stderr and "model:" not in r.stderr
+    r = cli("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a", "--target", "b",
+            "-o", str(tmp_path))
+    assert r.returncode == 2 and "folder" in r.stderr
 
 
 def test_cli_end_to_end_on_tiny(tmp_path):

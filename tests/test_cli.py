@@ -32,6 +32,11 @@ def test_tiny_text_to_image_with_heat_map(tmp_path):
     assert heat.size == (5 * 96, 64)  # the image, one heat overlay per word, one mask per word
 
 
+def test_heat_map_threshold_is_checked_first():
+    r = run("a red circle", "--model", "tiny", "--heatmap", "circle", "--threshold", "1.5")
+    assert r.returncode == 2 and "--threshold" in r.stderr.splitlines()[-1]
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path):
     r = run("a prompt", cwd=tmp_path)
     assert r.returncode == 2
