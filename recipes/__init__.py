@@ -1,7 +1,8 @@
 """Research built on the `sd` attention interface, one file per method.
 
 - heat maps (DAAM, Tang et al. 2023): `sd.pipeline.HeatMap` and `python -m sd --heatmap` (one
-  implementation, in sd, because the text-to-image CLI uses it too);
+  implementation, in sd, because the text-to-image CLI uses it too); `recipes.heatmap` reads it
+  for a given image and scores it on the toy world;
 - `recipes.correspondence`: unsupervised semantic correspondence (Hedlin et al., NeurIPS 2023);
 - `recipes.cds`: Delta and Contrastive Denoising Score editing (Hertz et al. 2023; Nam et al.,
   CVPR 2024).

@@ -7,13 +7,11 @@ decoder's coarse attention levels, matches a Gaussian at the point, on random cr
 source. On the target image the same embedding's map, averaged over crops and over several random
 initialisations, peaks at the corresponding point: its argmax is the answer.
 
-Settings follow the authors' released configuration (ubc-vision/LDM_correspondences and their
-benchmark wrapper): Adam lr 0.0023755, 129 steps, 5 initialisations, the timestep
-`timesteps(50)[-8]` (t = 141 on SD's schedule), Gaussian sigma 27.98 px at 512 px, crops of 93.17%
-of the side, 20 crops on the target (the first four at the corners), the first 4 decoder cross
-layers at 16x16 and 32x32 (at 512 px: their layers 5-8 counted from 0 over the layers they store).
-Departures: Gaussian noise (their code draws torch.rand, uniform); the target is noised at the
-same timestep as the source (theirs hard-codes timesteps[-3] there); no flips (their default).
+Defaults are the authors' released settings (ubc-vision/LDM_correspondences and their benchmark
+wrapper; --help lists them). At 512 px the layers read are their layers 5-8 counted from 0 over
+the maps they store: three at 16x16 and the first at 32x32. Departures: Gaussian noise (their
+code draws torch.rand, uniform); the target is noised at the source's timestep (theirs
+hard-codes timesteps[-3] there); no flips (their default).
 
     python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
     python -m recipes.correspondence --toy 50 --weights weights/toy   # PCK@0.1 on toy scenes

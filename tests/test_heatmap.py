@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -84,3 +85,48 @@ def test_heat_map_leaves_outputs_and_other_sites_alone():
                  Site("s", "self", "up", 0)):
         torch.testing.assert_close(heat(q, k, v, site), attention(q, k, v))
     assert heat.sites == {"x"}  # the mid block and self-attention are not read
+
+
+@torch.no_grad()
+def test_image_heat_is_the_heat_map_of_noised_copies(tiny):
+    """recipes.heatmap reads HeatMap for a given latent: one guided evaluation per timestep of
+    the noised latent, recorded with the step set, as a reference loop recomputes it."""
+    from recipes.heatmap import image_heat
+    from sd import ddim
+
+    pipe, z = Pipeline(tiny, TINY), torch.randn(1, 4, 8, 8, generator=torch.Generator())
+    prompt = "a photo of a red circle on a blue background"
+    heat = image_heat(pipe, z, prompt, ["circle"], steps=3, seed=5)
+    ref = HeatMap(pipe.tokenizer.word_indices(prompt, "circle"), (8, 8))
+    rec = Recorder(ref)
+    rec.prompts = 1
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    cond, uncond = pipe.encode_prompt(prompt), pipe.encode_prompt("")
+    for i, t in enumerate(ddim.timesteps(3, TINY.schedule).tolist()):
+        rec.step = i
+        pipe.guided(ddim.add_noise(z, noise, t, pipe.ac), t, cond, uncond, 7.5, rec)
+    torch.testing.assert_close(heat.maps(), ref.maps())
+    expected = daam(rec.calls, 1, [ref.tokens], (8, 8))
+    rel = ((heat.maps([1]).double() - expected).abs().max() / expected.abs().max()).item()
+    assert rel < 1e-5, rel
+
+
+def test_iou_and_centred_blob():
+    from recipes.heatmap import centred_blob, iou
+
+    blob = centred_blob(64, 48, 0.4)
+    assert blob[32, 24] and not blob[0, 0] and torch.equal(blob, blob.flip(0).flip(1))
+    assert iou(blob, blob) == 1 and iou(blob, ~blob) == 0
+    half = torch.zeros(64, 48, dtype=torch.bool)
+    half[:32] = True
+    assert iou(blob, half) == pytest.approx(0.5 * blob.sum().item() / (32 * 48 + 0.5
+                                                                          * blob.sum().item()))
+
+
+def test_toy_heat_map_evaluation_runs(tiny):
+    pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
+    from recipes.heatmap import evaluate_toy
+
+    result = evaluate_toy(Pipeline(tiny, TINY), scenes=2, steps=2)
+    assert set(result) == {"mean iou", "centred blob iou"}
+    assert all(0 <= v <= 1 for v in result.values())
