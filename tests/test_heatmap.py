@@ -130,3 +130,24 @@ def test_toy_heat_map_evaluation_runs(tiny):
     result = evaluate_toy(Pipeline(tiny, TINY), scenes=2, steps=2)
     assert set(result) == {"mean iou", "centred blob iou"}
     assert all(0 <= v <= 1 for v in result.values())
+
+
+def test_heatmap_cli_help_is_fast_and_needs_the_toy_world():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run("-X", "importtime", "-m", "recipes.heatmap", "--help")
+    assert r.returncode == 0 and "--threshold" in r.stdout and " torch\n" not in r.stderr
+    r = run("-m", "recipes.heatmap", "--toy", "1", "--threshold", "2")
+    assert r.returncode == 2 and "--threshold" in r.stderr.splitlines()[-1]
+    try:
+        import train.scenes  # noqa: F401
+    except ImportError:
+        r = run("-m", "recipes.heatmap", "--toy", "1", "--model", "tiny")
+        assert r.returncode == 1 and "train/scenes.py" in r.stderr and "Traceback" not in r.stderr
