@@ -12,9 +12,12 @@ other places, which keeps the structure of the photo.
 
 Settings are the CDS authors' (HyelinNAM/ContrastiveDenoisingScore): SGD lr 0.1, 200 iterations,
 guidance 7.5, t uniform in [50, 950), weights 1 (DDS) and 3 (CUT), 256 patches of sizes 1 and 2,
-temperature 0.07, and their loss scale: the DDS term is 2000 * sum(z_trg * delta) / (h * w).
-Departure: the features are each self-attention layer's output before its output projection
-(what the sd control interface returns; theirs is after `to_out`, a fixed linear map).
+temperature 0.07, and their DDS step: the surrogate loss 2000 * sum(z_trg * delta) / (h * w) at
+512 px (64x64 latents), i.e. a gradient of 2000 / 4096 * delta per latent element.
+Departures: that per-element factor is kept at every latent size (theirs shrinks with the area:
+a 16x16 toy latent would take steps 16 times as large); the features are each self-attention
+layer's output before its output projection (what the sd control interface hands a control;
+theirs is after `to_out`, a fixed linear map).
 
     python -m recipes.cds photo.png --source "a cat" --target "a dog" -o out.png
     python -m recipes.cds --toy 20 --weights weights/toy   # background PSNR, CDS vs DDS
@@ -41,7 +44,7 @@ class Settings:
     patches: int = 256
     patch_sizes: tuple[int, ...] = (1, 2)
     temperature: float = 0.07
-    scale: float = 2000.0
+    scale: float = 2000 / 64**2
 
 
 HELP = {  # --help's words for each setting
@@ -55,7 +58,7 @@ HELP = {  # --help's words for each setting
     "patches": "patch positions sampled per layer and patch size",
     "patch_sizes": "patch sides in feature pixels (average-pooled)",
     "temperature": "of the PatchNCE softmax",
-    "scale": "factor of the DDS term, sum(z * delta) / (h * w), in the official codes",
+    "scale": "the DDS gradient per latent element is scale * w_dds * delta (theirs: 2000/64^2)",
 }
 
 
@@ -168,10 +171,9 @@ def edit(pipe: Pipeline, z_src: torch.Tensor, source: str, target: str, s: Setti
         noise = torch.randn(z_src.shape, generator=g).to(z_src.device)
         with torch.set_grad_enabled(s.w_cut != 0):  # DDS alone needs no graph
             delta, cut = dds_step(pipe, z_src, z_trg, cond, uncond, t, noise, s, g)
-        with torch.enable_grad():  # d/dz_trg of `dds` is delta / (h * w): DDS's gradient,
+        with torch.enable_grad():  # d/dz_trg of sum(z_trg * delta) is delta: DDS's gradient,
             # applied through a surrogate loss as the official codes do
-            dds = (z_trg * delta).sum() / (z_trg.shape[-2] * z_trg.shape[-1])
-            loss = s.scale * s.w_dds * dds + s.w_cut * cut
+            loss = s.scale * s.w_dds * (z_trg * delta).sum() + s.w_cut * cut
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -50,6 +50,19 @@ def test_dds_gradient_is_zero_for_identical_prompts(pipe):
     assert torch.equal(out, z)
 
 
+def test_one_dds_iteration_is_the_official_step(pipe):
+    """z_trg <- z_trg - lr * scale * w_dds * delta, with delta at the t and noise drawn first
+    from the seed: the step the official codes take at 512 px, per latent element."""
+    z, s = latent(0), replace(Settings(), iterations=1, w_cut=0.0, w_dds=2.0)
+    out = edit(pipe, z, "a red circle", "a blue square", s, seed=7)
+    g = torch.Generator().manual_seed(7)
+    t = int(torch.randint(s.t_min, s.t_max, (1,), generator=g))
+    noise = torch.randn(z.shape, generator=g)
+    delta, _ = dds_step(pipe, z, z.clone(), *contexts(pipe, "a red circle", "a blue square"), t,
+                        noise, s, g)
+    torch.testing.assert_close(out, z - 0.1 * (2000 / 4096) * 2.0 * delta)
+
+
 def test_the_contrastive_loss_reaches_the_target_latent(pipe):
     z = latent(0)
     z_trg = (z + 0.3 * latent(2)).requires_grad_(True)
