@@ -72,12 +72,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(message)
     if args.toy is None and (args.target is None or args.point is None):
         p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
-    if args.steps < 1 or args.inits < 1 or args.crops < 1 or args.layers < 1:
-        p.error("--steps, --inits, --crops and --layers must be at least 1")
+    if min(args.steps, args.inits, args.crops, args.layers, args.toy or 1) < 1:
+        p.error("--steps, --inits, --crops, --layers and --toy: give 1 or more")
     if not -args.schedule <= args.noise_index < args.schedule:
         p.error(f"--noise-index: give -{args.schedule} to {args.schedule - 1} (--schedule steps)")
-    if not 0 < args.crop <= 1 or args.sigma <= 0:
-        p.error("--crop must be in (0, 1] and --sigma positive")
+    if not (0 < args.crop <= 1 and args.sigma > 0 and args.alpha > 0):
+        p.error("--crop: give more than 0, up to 1; --sigma and --alpha: give positive numbers")
     return args
 
 
