@@ -78,8 +78,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(message)
     if args.toy is None and (args.image is None or args.source is None or args.target is None):
         p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
-    if args.iterations < 1 or args.patches < 1 or min(args.patch_sizes) < 1:
-        p.error("--iterations, --patches and --patch-sizes must be at least 1")
+    counts = (args.iterations, args.patches, *args.patch_sizes, 1 if args.toy is None else args.toy)
+    if min(counts) < 1:
+        p.error("--iterations, --patches, --patch-sizes and --toy: give 1 or more")
     if not 0 <= args.t_min < args.t_max <= 1000 or args.temperature <= 0:
         p.error("need 0 <= --t-min < --t-max <= 1000 and a positive --temperature")
     return args

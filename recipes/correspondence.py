@@ -72,7 +72,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(message)
     if args.toy is None and (args.target is None or args.point is None):
         p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
-    if min(args.steps, args.inits, args.crops, args.layers, args.toy or 1) < 1:
+    counts = (args.steps, args.inits, args.crops, args.layers, 1 if args.toy is None else args.toy)
+    if min(counts) < 1:
         p.error("--steps, --inits, --crops, --layers and --toy: give 1 or more")
     if not -args.schedule <= args.noise_index < args.schedule:
         p.error(f"--noise-index: give -{args.schedule} to {args.schedule - 1} (--schedule steps)")
@@ -117,8 +118,8 @@ def decoder_sites(pipe: Pipeline, count: int) -> list[str]:
 
 def token_maps(pipe: Pipeline, z: torch.Tensor, context: torch.Tensor, sites: list[str], t: int,
                g: torch.Generator) -> torch.Tensor:
-    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t with noise
-    drawn from g (Gaussian; their code draws uniform noise, torch.rand, which we take for a slip)."""
+    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t with Gaussian
+    noise drawn from g."""
     ctrl, noise = FirstTokenMaps(sites), torch.randn(z.shape, generator=g).to(z.device, z.dtype)
     pipe.models.unet(ddim.add_noise(z, noise, t, pipe.ac), t, context.to(pipe.dtype), ctrl)
     hw, size = z.shape[-2:], [n * pipe.cfg.vae.factor for n in z.shape[-2:]]

@@ -124,4 +124,5 @@ def test_toy_keypoints_and_pairs():
             points = keypoints(scene.subjects[0])
             x, y = points[0].long().tolist()  # the centre lies on the shape (not for rings)
             assert scene.subjects[0].shape == "ring" or mask[y, x]
-            assert len(points) == {"triangle": 4, "square": 5, "star": 6, "heart": 2}.get(sa.shape, 1)
+            tips = {"triangle": 3, "square": 4, "star": 5, "heart": 1}.get(sa.shape, 0)
+            assert len(points) == 1 + tips
