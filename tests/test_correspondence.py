@@ -10,8 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.correspondence import (Settings, argmax_point, crop_box, decoder_sites, gaussian,
-                                    locate, optimise, pck, token_maps)
+from recipes.correspondence import (
+    Settings,
+    argmax_point,
+    crop_box,
+    decoder_sites,
+    gaussian,
+    locate,
+    optimise,
+    pck,
+    token_maps,
+)
 from sd.config import TINY
 from sd.pipeline import Pipeline
 
