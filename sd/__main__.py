@@ -40,8 +40,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--batch", type=int, default=1, help="images of the same prompt (default 1)")
-    p.add_argument("--heatmap", nargs="+", metavar="WORD",
-                   help="also save where these words of the prompt attended, as OUT_heatmap.png")
+    p.add_argument("--heatmap", nargs="+", metavar="WORD", help="also save where these words of "
+                   "the prompt attended (DAAM heat maps) as OUT_heatmap.png")
+    p.add_argument("--threshold", type=float, metavar="TAU", help="with --heatmap: add each word's "
+                   "mask, its normalised map >= TAU (DAAM uses 0.4)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="the image to "
@@ -50,7 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for failed, message in ((args.batch < 1, f"--batch {args.batch}: give 1 or more"),
                             (not math.isfinite(args.guidance), "--guidance: give a finite number"),
-                            (not args.eta >= 0, "--eta: give 0 (deterministic) or more")):
+                            (not args.eta >= 0, "--eta: give 0 (deterministic) or more"),
+                            (not 0 <= (args.threshold or 0) <= 1, "--threshold: give 0 to 1")):
         if failed:
             p.error(message)
     if message := files.unwritable(args.output):
@@ -116,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, image in enumerate(images):
         save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
     if heat is not None:
-        maps, rows = heat.normalised(), []
-        for b, image in enumerate(images):
-            per_word = maps[b].split(spans)  # a word of several tokens: average its tokens
-            rows.append([image] + [overlay(image, m.mean(0)) for m in per_word])
+        pictures = [heat.normalised(spans)]  # then the masks: one overlay per word each
+        pictures += [] if args.threshold is None else [heat.masks(spans, args.threshold).float()]
+        rows = [[im] + [overlay(im, m) for p in pictures for m in p[b]]
+                for b, im in enumerate(images)]
         save_image(grid(rows), out.with_name(f"{out.stem}_heatmap.png"))
     print(f"wrote {out}" + (f" and {len(images) - 1} more" if len(images) > 1 else ""),
           file=sys.stderr)

@@ -24,9 +24,8 @@ from sd.weights import Models, build, load, read
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 (GroupNorm and explicit attention maps still run in fp32), else CPU fp32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+    cuda = torch.cuda.is_available()
+    return (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
 
 
 def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
@@ -148,11 +147,8 @@ class Pipeline:
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
                  progress: bool = False, callback=None):
-        """Text-to-image: PIL images (output="pil") or final latents (output="latent").
-
-        `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
-        inversion's optimised embeddings).
-        """
+        """Text-to-image: PIL images (output="pil") or final latents (output="latent"). `uncond`
+        replaces the negative prompt's context: one tensor, or one per step (null-text's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
@@ -185,30 +181,40 @@ class Pipeline:
 
 
 class HeatMap(Control):
-    """Sums the cross-attention maps of chosen token positions over steps, layers and heads.
-
-    Only the conditional half of the batch is read; maps of every resolution are resized to the
-    latent's and accumulated on the fly, so memory stays at [prompts, tokens, h, w].
-    """
+    """Cross-attention heat maps of chosen token positions, as DAAM defines them (Tang et al. 2023,
+    sec. 3; the daam package's trace.py): per down/up cross layer, the conditional rows' map
+    averaged over heads and upsampled bicubically to the latent size (clamped at 0, since bicubic
+    overshoots); layers averaged, steps summed. The mid block is left out, as in DAAM. Maps are
+    accumulated on the fly: memory stays at [prompts, tokens, h, w]."""
 
     def __init__(self, tokens: list[int], latent_hw: tuple[int, int]):
         super().__init__()
-        self.tokens, self.hw = tokens, latent_hw
-        self.total: torch.Tensor | None = None
+        self.tokens, self.hw, self.sites = tokens, latent_hw, set()
+        self.total: torch.Tensor | None = None  # summed over layers and steps
 
     def __call__(self, q, k, v, site):
-        if site.kind != "cross":
+        if site.kind != "cross" or site.place == "mid":
             return attention(q, k, v)
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
         maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
-        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
+        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bicubic").clamp_min(0)
         self.total = maps if self.total is None else self.total + maps
+        self.sites.add(site.name)
         return apply_map(attn, v)
 
-    def normalised(self) -> torch.Tensor:
-        """[prompts, tokens, h, w] scaled to [0, 1] per map."""
-        m = self.total.float()
-        lo = m.flatten(2).min(-1).values[..., None, None]
-        hi = m.flatten(2).max(-1).values[..., None, None]
+    def maps(self, spans: list[int] | None = None) -> torch.Tensor:
+        """[prompts, words, h, w]: the layer mean summed over steps; `spans` (tokens per word, in
+        `tokens`' order) makes a word of several tokens the mean of its tokens (DAAM)."""
+        m = self.total.float() / len(self.sites)
+        return torch.stack([w.mean(1) for w in m.split(spans, 1)], 1) if spans else m
+
+    def normalised(self, spans: list[int] | None = None) -> torch.Tensor:
+        """`maps(spans)` scaled to [0, 1] per map."""
+        m = self.maps(spans)
+        lo, hi = m.amin((-2, -1), keepdim=True), m.amax((-2, -1), keepdim=True)
         return (m - lo) / (hi - lo).clamp_min(1e-8)
+
+    def masks(self, spans: list[int] | None = None, threshold: float = 0.4) -> torch.Tensor:
+        """Where the normalised map reaches `threshold`: DAAM's segmentation (its tau = 0.4)."""
+        return self.normalised(spans) >= threshold
