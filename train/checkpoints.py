@@ -3,22 +3,48 @@ pointer, resuming bit for bit, and pruning old ones.
 
 A checkpoint holds what the trainer writes (the trained weights) and state.pt, everything else a
 bit-exact resume needs (step, optimizer, GradScaler, random states). It is written as
-checkpoint-N.tmp/ and renamed when complete (sd.files.atomic_folder); `latest` is replaced
+checkpoint-N.tmp/ and renamed when complete (atomic_folder below); `latest` is replaced
 atomically after that. A save killed at any point leaves the previous checkpoint and a `latest`
 that names it.
 """
 
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sd.files import atomic_folder, atomic_write
+from sd.files import atomic_write, fsync
 from sd.weights import FILES, read
 from train import UsageError
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """sd.files.atomic_write for a folder: yield an empty NAME.tmp/ to fill; on success it
+    replaces `path`, on failure it is removed."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in [*files, "."]:
+                fsync(Path(folder, name))
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # a folder cannot replace a non-empty one: swap, then delete
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save(out: Path, step: int, write: Callable[[Path], None], state: dict,

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sd.files import atomic_folder
 from sd.images import save_image
 from sd.pipeline import Pipeline
 from sd.weights import FILES, save
 from train import checkpoints
+from train.checkpoints import atomic_folder
 from train.dataset import IMAGE_SUFFIXES, ImageFolder, draw, examples
 from train.loop import Denoiser, Run, Settings, begin, denoising_loss, finish, fit, load, validate
 
