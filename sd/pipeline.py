@@ -81,8 +81,7 @@ class Pipeline:
 
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
-        vectors = file_or_vectors
-        vectors = vectors if isinstance(vectors, dict) else read(vectors)
+        vectors = file_or_vectors if isinstance(file_or_vectors, dict) else read(file_or_vectors)
         learned = concept_rows(vectors, self.cfg.text.width)
         ids = self.tokenizer.add_tokens(list(vectors))
         self.models.text_encoder.add_tokens(learned)
