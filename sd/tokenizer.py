@@ -147,8 +147,7 @@ def clip_vocab(path: Path = VOCAB_FILE) -> tuple[dict[str, int], list[tuple[str,
 
 def clean(text: str) -> str:
     """OpenCLIP's basic_clean (ftfy, HTML unescape twice, strip) and lower()."""
-    # whitespace_clean runs in the tokenizer's normaliser. Python's strip() and lower() are
-    # OpenCLIP's: lower() turns a word-final capital sigma into "ς".
+    # whitespace_clean runs in the tokenizer's normaliser; lower(): see the module docstring
     return html.unescape(html.unescape(fix_text(text))).strip().lower()
 
 
