@@ -108,11 +108,8 @@ class StoreMaps(Control):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0).
-
-    UNet layers get a `site` from the UNet at construction; a control, when given, computes the
-    output in place of the fused kernel. The VAE's mid-block variant has biases on q, k, v.
-    """
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0). The UNet
+    sets `site` at construction; the VAE's mid-block variant has biases on q, k, v."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()

@@ -64,12 +64,9 @@ class TextEncoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width)
 
     def add_tokens(self, vectors: torch.Tensor) -> None:
-        """Append rows [n, width] to the token embedding (ids len(vocab)...; textual inversion)."""
-        old = self.embeddings.token_embedding
-        w = old.weight
-        if vectors.shape[-1] != w.shape[1]:
-            raise ValueError(f"learned embeddings have width {vectors.shape[-1]}, this text "
-                             f"encoder {w.shape[1]}: they were trained for another model")
+        """Append rows [n, width] to the token embedding (ids len(vocab)...; textual inversion).
+        Pipeline.add_concepts checks the rows first (sd.pipeline.concept_rows)."""
+        w = self.embeddings.token_embedding.weight
         new = nn.Embedding(w.shape[0] + len(vectors), w.shape[1], device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.weight.copy_(torch.cat([w, vectors.to(w)]))

@@ -81,8 +81,7 @@ class Pipeline:
 
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
-        vectors = file_or_vectors
-        vectors = vectors if isinstance(vectors, dict) else read(vectors)
+        vectors = file_or_vectors if isinstance(file_or_vectors, dict) else read(file_or_vectors)
         learned = concept_rows(vectors, self.cfg.text.width)
         ids = self.tokenizer.add_tokens(list(vectors))
         self.models.text_encoder.add_tokens(learned)
@@ -172,12 +171,11 @@ class Pipeline:
 
     @torch.no_grad()
     def encode(self, image: "Image.Image | str | Path", height: int | None = None,
-               width: int | None = None, generator: torch.Generator | None = None):
-        """An image -> scaled latents [1, 4, H/8, W/8] (posterior mean unless a generator)."""
+               width: int | None = None) -> torch.Tensor:
+        """An image -> scaled latents [1, 4, H/8, W/8]: the posterior mean."""
         x = load_image(image, height or self.cfg.resolution, width or self.cfg.resolution)
         posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
-        z = posterior.mean if generator is None else posterior.sample(generator)
-        return z * self.cfg.vae.scaling
+        return posterior.mean * self.cfg.vae.scaling
 
 
 class HeatMap(Control):

@@ -147,8 +147,7 @@ def clip_vocab(path: Path = VOCAB_FILE) -> tuple[dict[str, int], list[tuple[str,
 
 def clean(text: str) -> str:
     """OpenCLIP's basic_clean (ftfy, HTML unescape twice, strip) and lower()."""
-    # whitespace_clean runs in the tokenizer's normaliser. Python's strip() and lower() are
-    # OpenCLIP's: lower() turns a word-final capital sigma into "ς".
+    # whitespace_clean runs in the tokenizer's normaliser; lower(): see the module docstring
     return html.unescape(html.unescape(fix_text(text))).strip().lower()
 
 
@@ -189,17 +188,14 @@ class Tokenizer:
         for row, prompt in enumerate(prompts):
             text = clean(prompt)
             enc = self._bpe.encode(text)
-            if len(enc.ids) > keep:
-                warnings.warn(self._truncation_note(text[enc.offsets[keep][0]:],
-                                                    len(enc.ids) - keep), stacklevel=2)
+            if len(enc.ids) > keep:  # say what CLIP won't see: the count and the first words
+                dropped = text[enc.offsets[keep][0]:]
+                warnings.warn(f"prompt longer than {self.max_len} tokens; CLIP will not see its "
+                              f"last {len(enc.ids) - keep} tokens ({len(dropped.split())} words), "
+                              f"from {first_words(dropped)!r}", stacklevel=2)
             ids = [self.bos_id, *enc.ids[:keep], self.eos_id]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
-
-    def _truncation_note(self, dropped: str, n_tokens: int) -> str:
-        """The warning for a cut prompt: the count and the first words of what CLIP won't see."""
-        return (f"prompt longer than {self.max_len} tokens; CLIP will not see its last {n_tokens} "
-                f"tokens ({len(dropped.split())} words), from {first_words(dropped)!r}")
 
     def _words(self, text: str) -> list[tuple[range, list[int], str]]:
         """(token indices, token ids, text) of every pre-tokenized word of cleaned `text`."""
@@ -238,6 +234,5 @@ class Tokenizer:
         self._bpe.add_tokens([AddedToken(t, normalized=False) for t in new])
         return [self._bpe.token_to_id(t) for t in new]
 
-    def __len__(self) -> int:
-        """Vocabulary size including added tokens."""
+    def __len__(self) -> int:  # added tokens included
         return self._bpe.get_vocab_size(with_added_tokens=True)

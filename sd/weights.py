@@ -1,4 +1,4 @@
-"""Load and save SD 2.1 weights in both official layouts.
+"""Load SD 2.1 weights in both official layouts (train/checkpoints.py saves them).
 
 Layout A, diffusers folders: {unet,vae}/diffusion_pytorch_model[.fp16].safetensors and
 text_encoder/model[.fp16].safetensors. Our parameter names ARE these keys, with three exceptions
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sd.clip import TextEncoder
 from sd.config import PRESETS, ModelConfig, preset
-from sd.files import atomic_write
 from sd.unet import UNet
 from sd.vae import VAE
 
@@ -190,21 +189,6 @@ def diffusers_config(cfg: ModelConfig, name: str) -> dict:
             "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
             "max_position_embeddings": t.max_len, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
             "projection_dim": t.width, "torch_dtype": "float32"}
-
-
-def save(folder: str | Path, cfg: ModelConfig, fp16: bool = False, **modules: nn.Module) -> None:
-    """Save components (unet=, vae=, text_encoder=) in the diffusers layout, with configs."""
-    folder = Path(folder)
-    for name, module in modules.items():
-        sd = {k: v.detach().to("cpu", torch.float16 if fp16 else v.dtype).contiguous()
-              for k, v in module.state_dict().items()}
-        if name == "text_encoder":  # as transformers writes CLIPTextModel files
-            sd = {"text_model." + k: v for k, v in sd.items()}
-        file = folder / f"{FILES[name]}{'.fp16' if fp16 else ''}.safetensors"
-        with atomic_write(file) as tmp:
-            save_file(sd, tmp, metadata={"format": "pt"})
-        with atomic_write(file.parent / "config.json") as tmp:
-            tmp.write_text(json.dumps(diffusers_config(cfg, name), indent=2))
 
 
 def detect_preset(path: str | Path) -> tuple[str, str]:

@@ -147,11 +147,12 @@ def test_photo_and_saved_inversion_sources(tmp_path):
 def test_dreambooth_folder_concept(tmp_path):
     """A DreamBooth'd model is a weights folder: the swap loads it for both branches."""
     from sd.config import TINY
-    from sd.weights import build, save
+    from sd.weights import build
+    from train.checkpoints import save_weights
 
     torch.manual_seed(3)
     m = build(TINY)
-    save(tmp_path / "dog", TINY, unet=m.unet, vae=m.vae, text_encoder=m.text_encoder)
+    save_weights(tmp_path / "dog", TINY, unet=m.unet, vae=m.vae, text_encoder=m.text_encoder)
     r = cli(*BASE, "--concept", "sks dog", "--weights", str(tmp_path / "dog"), "-o",
             str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr

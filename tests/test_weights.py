@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from sd import weights
 from sd.config import SD21, TINY
 from sd.weights import WeightsError
+from train.checkpoints import save_weights
 
 
 def mapping() -> list[dict]:
@@ -125,7 +126,7 @@ def test_full_size_round_trip(tmp_path, layout):
         sds[name][k] = torch.randn(shape, generator=g, dtype=torch.float16)
     if layout == "diffusers":
         models = weights.build(SD21, dtype=torch.float16, sds=sds)
-        weights.save(tmp_path, SD21, fp16=True, unet=models.unet, vae=models.vae,
+        save_weights(tmp_path, SD21, fp16=True, unet=models.unet, vae=models.vae,
                      text_encoder=models.text_encoder)
         del models
         path = tmp_path
@@ -141,7 +142,7 @@ def test_save_loads_in_diffusers_and_transformers(tmp_path, tiny):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    weights.save(tmp_path, TINY, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder)
+    save_weights(tmp_path, TINY, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     ids = torch.randint(0, 49408, (1, 77), generator=g)
@@ -158,7 +159,7 @@ def test_save_loads_in_diffusers_and_transformers(tmp_path, tiny):
 
 def test_older_diffusers_files(tmp_path, tiny):
     """text_model. prefix, a position_ids buffer, old VAE attention names with 1x1 conv shapes."""
-    weights.save(tmp_path, TINY, fp16=True, unet=tiny.unet, vae=tiny.vae,
+    save_weights(tmp_path, TINY, fp16=True, unet=tiny.unet, vae=tiny.vae,
                  text_encoder=tiny.text_encoder)
     vae_file = tmp_path / "vae/diffusion_pytorch_model.fp16.safetensors"
     old = {}
@@ -218,7 +219,7 @@ def test_sd1_checkpoints_are_refused(tmp_path, tiny):
 
 
 def test_wrong_component_and_partial_files(tmp_path, tiny):
-    weights.save(tmp_path, TINY, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder)
+    save_weights(tmp_path, TINY, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder)
     unet_file = tmp_path / "unet/diffusion_pytorch_model.safetensors"
     unet_file.write_bytes((tmp_path / "vae/diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(WeightsError, match=r"holds vae weights where unet weights were expected"):
@@ -246,5 +247,5 @@ def test_ckpt_is_unpickled_safely(tmp_path):
 
 
 def test_paths_are_strings_or_paths(tmp_path, tiny):
-    weights.save(str(tmp_path), TINY, unet=tiny.unet)
+    save_weights(str(tmp_path), TINY, unet=tiny.unet)
     assert (Path(tmp_path) / "unet/config.json").is_file()

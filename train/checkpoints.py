@@ -3,22 +3,51 @@ pointer, resuming bit for bit, and pruning old ones.
 
 A checkpoint holds what the trainer writes (the trained weights) and state.pt, everything else a
 bit-exact resume needs (step, optimizer, GradScaler, random states). It is written as
-checkpoint-N.tmp/ and renamed when complete (sd.files.atomic_folder); `latest` is replaced
+checkpoint-N.tmp/ and renamed when complete (atomic_folder below); `latest` is replaced
 atomically after that. A save killed at any point leaves the previous checkpoint and a `latest`
-that names it.
+that names it. save_weights writes components in the diffusers layout that sd.weights.load reads.
 """
 
+import json
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from sd.files import atomic_folder, atomic_write
-from sd.weights import FILES, read
+from sd.config import ModelConfig
+from sd.files import atomic_write, fsync
+from sd.weights import FILES, diffusers_config, read
 from train import UsageError
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """sd.files.atomic_write for a folder: yield an empty NAME.tmp/ to fill; on success it
+    replaces `path`, on failure it is removed."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in [*files, "."]:
+                fsync(Path(folder, name))
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # a folder cannot replace a non-empty one: swap, then delete
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save(out: Path, step: int, write: Callable[[Path], None], state: dict,
@@ -99,8 +128,24 @@ def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 
 def load_modules(folder: Path, **modules: nn.Module) -> None:
-    """Load components saved by sd.weights.save (full precision) back into modules, strictly."""
+    """Load components saved by save_weights (full precision) back into modules, strictly."""
     for name, module in modules.items():
         sd = read(folder / f"{FILES[name]}.safetensors")
-        # save() writes the text encoder with transformers' "text_model." prefix
+        # save_weights writes the text encoder with transformers' "text_model." prefix
         module.load_state_dict({k.removeprefix("text_model."): v for k, v in sd.items()})
+
+
+def save_weights(folder: str | Path, cfg: ModelConfig, fp16: bool = False,
+                 **modules: nn.Module) -> None:
+    """Save components (unet=, vae=, text_encoder=) in the diffusers layout, with configs."""
+    folder = Path(folder)
+    for name, module in modules.items():
+        sd = {k: v.detach().to("cpu", torch.float16 if fp16 else v.dtype).contiguous()
+              for k, v in module.state_dict().items()}
+        if name == "text_encoder":  # as transformers writes CLIPTextModel files
+            sd = {"text_model." + k: v for k, v in sd.items()}
+        file = folder / f"{FILES[name]}{'.fp16' if fp16 else ''}.safetensors"
+        with atomic_write(file) as tmp:
+            save_file(sd, tmp, metadata={"format": "pt"})
+        with atomic_write(file.parent / "config.json") as tmp:
+            tmp.write_text(json.dumps(diffusers_config(cfg, name), indent=2))

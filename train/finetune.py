@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sd.files import atomic_folder
 from sd.images import save_image
 from sd.pipeline import Pipeline
-from sd.weights import FILES, save
+from sd.weights import FILES
 from train import checkpoints
+from train.checkpoints import atomic_folder, save_weights
 from train.dataset import IMAGE_SUFFIXES, ImageFolder, draw, examples
 from train.loop import Denoiser, Run, Settings, begin, denoising_loss, finish, fit, load, validate
 
@@ -101,7 +101,7 @@ def train(args: argparse.Namespace) -> Result:
 
     prompt = args.validation_prompt or args.instance_prompt
     losses = fit(run, Settings.of(args), model, [p for p in model.parameters() if p.requires_grad],
-                 loss, write=lambda folder: save(folder, cfg, **trained),
+                 loss, write=lambda folder: save_weights(folder, cfg, **trained),
                  load=lambda folder: checkpoints.load_modules(folder, **trained),
                  preview=lambda file: validate(pipe, prompt, file, args.validation_steps),
                  desc="dreambooth")
@@ -121,7 +121,7 @@ def export(folder: Path, pipe: Pipeline) -> None:
     """All three components (the frozen ones copied) + MODEL: a folder every loader takes."""
     m, cfg = pipe.models, pipe.cfg
     with atomic_folder(folder) as tmp:
-        save(tmp, cfg, unet=m.unet, text_encoder=m.text_encoder, vae=m.vae)
+        save_weights(tmp, cfg, unet=m.unet, text_encoder=m.text_encoder, vae=m.vae)
         # the marker weights/fetch.py writes: sd.weights.detect_preset reads the variant from it
         (tmp / "MODEL").write_text(f"# written by train/dreambooth.py\npreset={cfg.name}\n"
                                    f"prediction={cfg.schedule.prediction}\n"
