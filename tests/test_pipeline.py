@@ -1,11 +1,12 @@
 """Text-to-image parity with diffusers' StableDiffusionPipeline, determinism, image helpers."""
 
+import inspect
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import reference_text, reference_unet, reference_vae
+from conftest import assert_parity, reference_text, reference_unet, reference_vae
 from PIL import Image
 
 from sd import ddim
@@ -15,6 +16,10 @@ from sd.pipeline import HeatMap, Pipeline, load_image
 
 PROMPTS = ["a photo of a red circle on a blue striped background", "an astronaut, riding a horse"]
 NEGATIVE = "blurry, low quality"
+# 20 guided steps of a random model amplify rounding: per UNet call ours and diffusers' differ by
+# 0 to ~1e-7 relative (same kernels, but results depend on the kernel path and even on memory
+# alignment under AVX-512), and the final latents by up to PLACEHOLDER.
+PIPELINE_TOL = 1e-5
 
 
 def reference_pipeline(cfg, models, tokenizer):
@@ -32,7 +37,9 @@ def reference_pipeline(cfg, models, tokenizer):
         tokenizer=tokenizer, unet=reference_unet(cfg, models.unet.state_dict()),
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.vae.config.scaling_factor = cfg.vae.scaling
+    # diffusers' own default (0.18215, LDM's configs), not ours: a wrong scaling must show.
+    pipe.vae.config.scaling_factor = inspect.signature(type(pipe.vae)).parameters[
+        "scaling_factor"].default
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -49,11 +56,9 @@ def test_pipeline_parity(tiny, hf_tokenizer, prediction):
     ref_images = theirs(PROMPTS, output_type="np", **kwargs).images
     latents = ours(PROMPTS, NEGATIVE, steps=20, guidance=7.5, latents=x_T, output="latent")
     images = ours.decode(latents).permute(0, 2, 3, 1).numpy()
-    d_lat = (latents - ref_latents).abs().max().item()
-    d_img = np.abs(images - ref_images).max()
-    print(f"{prediction}: final latents max abs diff {d_lat:.3g} "
-          f"(max {ref_latents.abs().max():.3g}), image {d_img:.3g}")
-    assert d_lat < 1e-4 and d_img < 1e-4
+    assert_parity(f"pipeline {prediction} latents", latents, ref_latents, PIPELINE_TOL)
+    assert_parity(f"pipeline {prediction} images", torch.from_numpy(images),
+                  torch.from_numpy(ref_images), PIPELINE_TOL)
 
 
 def test_pipeline_parity_with_eta(tiny, hf_tokenizer):
@@ -62,9 +67,7 @@ def test_pipeline_parity_with_eta(tiny, hf_tokenizer):
     ref = theirs(PROMPTS[:1], num_inference_steps=10, eta=0.7, latents=x_T.clone(),
                  generator=torch.Generator().manual_seed(5), output_type="latent").images
     latents = ours(PROMPTS[:1], steps=10, eta=0.7, latents=x_T, seed=5, output="latent")
-    diff = (latents - ref).abs().max().item()
-    print(f"eta 0.7: max abs diff {diff:.3g}")
-    assert diff < 1e-4
+    assert_parity("pipeline eta 0.7 latents", latents, ref, PIPELINE_TOL)
 
 
 def test_same_seed_same_image(tiny):
