@@ -154,12 +154,12 @@ def test_word_indices_multi_token_and_repeated_words(tiny):
 
 @torch.no_grad()
 def test_heat_map_in_the_pipeline_matches_a_reference(tiny):
-    """HeatMap over a 3-step run at a 10x6 latent equals the sum, over sites and steps, of the
+    """HeatMap over a 3-step run at a 10x7 latent equals the sum, over sites and steps, of the
     conditional rows' head-averaged maps of its tokens, recomputed from the same q and k."""
     pipe = Pipeline(tiny, TINY)
     prompts = ["a cat beside a cat", "a photoswapping dog"]
     tokens = pipe.tokenizer.word_indices(prompts[0], "cat")
-    h, w = 10, 6
+    h, w = 10, 7  # odd: level 1 is 5x4 (a downsampler rounds up), not 5x3
     heat = HeatMap(tokens, (h, w))
     expected = torch.zeros(2, len(tokens), h, w, dtype=torch.float64)
 
