@@ -12,14 +12,19 @@ from PIL import Image
 from sd import ddim
 from sd.attention import Control
 from sd.config import TINY
-from sd.pipeline import HeatMap, Pipeline, load_image
+from sd.pipeline import Pipeline, load_image
 
 PROMPTS = ["a photo of a red circle on a blue striped background", "an astronaut, riding a horse"]
 NEGATIVE = "blurry, low quality"
-# 20 guided steps of a random model amplify rounding: per UNet call ours and diffusers' differ by
-# 0 to ~1e-7 relative (same kernels, but results depend on the kernel path and even on memory
-# alignment under AVX-512), and the final latents by up to PLACEHOLDER.
-PIPELINE_TOL = 1e-5
+# 20 guided steps of a random model (latents reach 57) amplify rounding. Alone these tests give 0
+# on every kernel path here; after other tests ran in the same process (other memory alignment
+# under AVX-512) the final latents differ by up to PIPELINE_SEEN relative, as on the CPU of issue 8.
+# That is also the size of a UNet resnet eps 1e-5 -> 1e-6 here (3.7e-6 epsilon, 6.9e-6 v, 9.0e-6
+# eta), so the pipeline cannot tell that bug from rounding portably: test_modules.py's
+# test_norm_eps_at_small_variance catches it. 1e-4 (older bound: 1e-4 absolute = 1.7e-6 relative
+# at max 57) leaves 30x for other CPUs; the bugs these tests catch (CFG halves, timesteps,
+# scaling, guidance) give 1e-2 and more.
+PIPELINE_TOL = 1e-4
 
 
 def reference_pipeline(cfg, models, tokenizer):
@@ -107,16 +112,6 @@ def test_guidance_one_skips_the_unconditional_half(tiny):
     pipe, rec = Pipeline(tiny, TINY), Recorder()
     pipe(PROMPTS[:1], steps=2, guidance=1.0, ctrl=rec, output="latent")
     assert {c[4] for c in rec.calls} == {1}
-
-
-def test_heat_map(tiny):
-    pipe = Pipeline(tiny, TINY)
-    idx = pipe.tokenizer.word_indices(PROMPTS[0], "circle")
-    heat = HeatMap(idx, (10, 6))
-    pipe(PROMPTS[:1], steps=3, ctrl=heat, height=80, width=48, output="latent")
-    maps = heat.normalised()
-    assert maps.shape == (1, len(idx), 10, 6)
-    assert maps.min() == 0 and maps.max() == 1
 
 
 def test_load_image_modes_and_orientation(tmp_path):
