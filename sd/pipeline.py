@@ -9,14 +9,14 @@ conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_unco
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.attention import Control, attention, attention_map, apply_map
+from sd.attention import Control, apply_map, attention, attention_map
 from sd.config import ModelConfig
+from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
 from sd.weights import Models, build, load, read
 
@@ -47,8 +47,7 @@ class Pipeline:
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
-        if not isinstance(vectors, dict):
-            vectors = read(file_or_vectors)
+        vectors = vectors if isinstance(vectors, dict) else read(vectors)
         width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
         rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
         if len(rows) != len(vectors):
@@ -147,27 +146,6 @@ class Pipeline:
         posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
         z = posterior.mean if generator is None else posterior.sample(generator)
         return z * self.cfg.vae.scaling
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
-
-
-def load_image(image: "Image.Image | str | Path", height: int, width: int) -> torch.Tensor:
-    """Open, apply EXIF orientation, convert to RGB, resize to cover and centre-crop: [1,3,H,W]."""
-    if height % 64 or width % 64:
-        raise ValueError(f"image size must be a multiple of 64, got {height}x{width}")
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{image}: cannot be read as an image ({e})") from e
-    image = ImageOps.exif_transpose(image).convert("RGB")  # palette, RGBA, CMYK, L, I;16 ...
-    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 class HeatMap(Control):
