@@ -79,7 +79,8 @@ MUTANTS = [
       f"{PIPE}::test_pipeline_parity"),
     # Numerics that hand-written versions get wrong (DESIGN.md section 5).
     m("unet transformer GroupNorm eps 1e-6 -> 1e-5", "sd/unet.py",
-      "self.norm = GroupNorm(groups, dim, eps=1e-6)", "self.norm = GroupNorm(groups, dim, eps=1e-5)",
+      "self.norm = GroupNorm(groups, dim, eps=1e-6)",
+      "self.norm = GroupNorm(groups, dim, eps=1e-5)",
       f"{MODULES}::test_norm_eps_at_small_variance"),
     m("unet conv_norm_out eps 1e-5 -> 1e-6", "sd/unet.py",
       "self.conv_norm_out = GroupNorm(groups, ch[0], eps=1e-5)",

@@ -29,7 +29,8 @@ def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def test_text_encoder_parity(tiny):
     ref = reference_text(TINY, tiny.text_encoder.state_dict())
-    ids = torch.randint(0, TINY.text.vocab_size, (3, 77), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, TINY.text.vocab_size, (3, 77), generator=g)
     report("text encoder", tiny.text_encoder(ids), ref(ids).last_hidden_state)
 
 
@@ -109,7 +110,8 @@ def test_full_config_keys_and_shapes():
 # (module path, kind) for every place a GroupNorm's eps is set: UNet resnets and conv_norm_out
 # (1e-5), the UNet transformer's norm (1e-6), the VAE's resnets, mid attention and
 # conv_norm_out (1e-6). Module paths are the same in ours and diffusers'.
-NORMED = [("unet", "down_blocks.0.resnets.0", "resnet"), ("unet", "up_blocks.2.resnets.2", "resnet"),
+NORMED = [("unet", "down_blocks.0.resnets.0", "resnet"),
+          ("unet", "up_blocks.2.resnets.2", "resnet"),
           ("unet", "down_blocks.0.attentions.0", "transformer"), ("unet", "conv_norm_out", "norm"),
           ("vae", "encoder.down_blocks.0.resnets.0", "resnet"),
           ("vae", "decoder.mid_block.attentions.0", "attention"),
