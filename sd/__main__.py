@@ -1,9 +1,11 @@
 """python -m sd "a prompt" ... : text-to-image with SD 2.1, and where the words landed."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from sd import files
 from sd.config import DTYPE_NAMES, PRESETS
 
 EPILOG = """examples:
@@ -20,6 +22,8 @@ checkpoint such as v2-1_768-ema-pruned.safetensors."""
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # usage errors in one line, as every other error of this CLI, not after a usage block
+    p.error = lambda message: p.exit(2, f"error: {message} (see python -m sd --help)\n")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
                    help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; tiny: random "
@@ -36,13 +40,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the model's resolution)")
     p.add_argument("--batch", type=int, default=1, help="images of the same prompt (default 1)")
-    p.add_argument("--heatmap", nargs="+", metavar="WORD",
-                   help="also save where these words of the prompt attended, as OUT_heatmap.png")
+    p.add_argument("--heatmap", nargs="+", metavar="WORD", help="also save where these words of "
+                   "the prompt attended (DAAM heat maps) as OUT_heatmap.png")
+    p.add_argument("--threshold", type=float, metavar="TAU", help="with --heatmap: add each word's "
+                   "mask, its normalised map >= TAU (DAAM uses 0.4)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG to write")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="the image to "
+                   "write; its extension names the format: .png, .jpg, .webp (default: out.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for failed, message in ((args.batch < 1, f"--batch {args.batch}: give 1 or more"),
+                            (not math.isfinite(args.guidance), "--guidance: give a finite number"),
+                            (not args.eta >= 0, "--eta: give 0 (deterministic) or more"),
+                            (not 0 <= (args.threshold or 0) <= 1, "--threshold: give 0 to 1")):
+        if failed:
+            p.error(message)
+    if message := files.unwritable(args.output):
+        p.error(message)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,29 +66,46 @@ def main(argv: list[str] | None = None) -> int:
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
     import torch
 
+    from sd import ddim
     from sd.config import DTYPES
-    from sd.images import grid, overlay, save_image
-    from sd.pipeline import HeatMap, Pipeline, default_device_dtype
-    from sd.weights import WeightsError, resolve
+    from sd.images import grid, image_format, overlay, save_image
+    from sd.pipeline import HeatMap, Pipeline, concept_rows, default_device_dtype, pick_device
+    from sd.tokenizer import Tokenizer
+    from sd.weights import WeightsError, read, resolve
 
     try:
         cfg, weights, why = resolve(args.model, args.weights)
-    except WeightsError as e:
+    except WeightsError as e:  # says how to download them
         print(e, file=sys.stderr)
         return 2
-    device = torch.device(args.device) if args.device else default_device_dtype()[0]
+    try:  # everything else that can be checked before the model loads
+        image_format(args.output)
+        for side in (args.height, args.width):
+            if side is not None and (side <= 0 or side % cfg.vae.factor):
+                raise ValueError(f"--height and --width: give multiples of {cfg.vae.factor}, "
+                                 f"such as {cfg.resolution}; got {side}")
+        ddim.timesteps(args.steps, cfg.schedule)
+        device = pick_device(args.device)
+        concepts = {k: v for file in args.concepts or [] for k, v in read(file).items()}
+        if concepts:
+            concept_rows(concepts, cfg.text.width)
+        tokenizer = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+        tokenizer.add_tokens(list(concepts))
+        spans = [len(tokenizer.word_indices(args.prompt, w)) for w in args.heatmap or []]
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
     dtype = DTYPES[args.dtype] if args.dtype else fallback
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:
         pipe = Pipeline.load(cfg, weights, device, dtype)
-        for file in args.concepts or []:
-            pipe.add_concepts(file)
+        if concepts:
+            pipe.add_concepts(concepts)
         heat = None
         if args.heatmap:
             tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]
-            spans = [len(pipe.tokenizer.word_indices(args.prompt, w)) for w in args.heatmap]
             hw = ((args.height or cfg.resolution) // cfg.vae.factor,
                   (args.width or cfg.resolution) // cfg.vae.factor)
             heat = HeatMap(tokens, hw)
@@ -86,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, image in enumerate(images):
         save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
     if heat is not None:
-        maps, rows = heat.normalised(), []
-        for b, image in enumerate(images):
-            per_word = maps[b].split(spans)  # a word of several tokens: average its tokens
-            rows.append([image] + [overlay(image, m.mean(0)) for m in per_word])
+        pictures = [heat.normalised(spans)]  # then the masks: one overlay per word each
+        pictures += [] if args.threshold is None else [heat.masks(spans, args.threshold).float()]
+        rows = [[im] + [overlay(im, m) for p in pictures for m in p[b]]
+                for b, im in enumerate(images)]
         save_image(grid(rows), out.with_name(f"{out.stem}_heatmap.png"))
     print(f"wrote {out}" + (f" and {len(images) - 1} more" if len(images) > 1 else ""),
           file=sys.stderr)

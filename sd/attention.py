@@ -60,18 +60,23 @@ class Site:
     place: str  # "down", "mid" or "up"
     level: int
 
+    def shape(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the queries: each downsampler maps a side n to ceil(n / 2)."""
+        return tuple(-(-n // 2**self.level) for n in latent_hw)
+
 
 class Control:
     """Base control: plain fused attention. Subclass and override `__call__` to edit attention.
 
-    `step` (index into the sampling schedule, 0 first) and `t` (the diffusion timestep) are set by
-    the sampler before each UNet call, so a control never counts calls to know where it is.
-    `prompts` is the number of prompts; under classifier-free guidance the pipeline lays the batch
-    out as [uncond x prompts, cond x prompts].
+    `step` (index into the sampling schedule, 0 first), `steps` and `t` (the diffusion timestep)
+    are set by the sampler before each UNet call, so a control never counts calls to know where it
+    is. `prompts` is the number of prompts; under classifier-free guidance the pipeline lays the
+    batch out as [uncond x prompts, cond x prompts] (`sd.pipeline.rows` picks rows from it).
     """
 
     def __init__(self) -> None:
         self.step = 0
+        self.steps = 0
         self.t = 0
         self.prompts = 1
 

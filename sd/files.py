@@ -11,6 +11,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (or a folder), as a line to print; None if it can."""
+    if path.is_dir() and not folder:
+        return f"{path} is a folder; give a file name"
+    if path.exists() and not path.is_dir() and folder:
+        return f"{path} is a file; give a folder"
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is a file, so {path} cannot be created; pick another path"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable; pick another path"
+    return None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # O_RDONLY works for folders too
     try:

@@ -25,18 +25,30 @@ def load_image(image: "Image.Image | str | Path", height: int, width: int) -> to
             image.load()
         except (OSError, ValueError) as e:
             raise ValueError(f"{image}: cannot be read as an image ({e})") from e
-    image = ImageOps.exif_transpose(image).convert("RGB")  # palette, RGBA, CMYK, L, I;16 ...
-    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    image = ImageOps.fit(rgb(image), (width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB from any mode (palette, RGBA, CMYK, L, ...).
+    PIL's convert clips 16-bit greyscale ("I;16", 0..65535) to 255, white: scale it first."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 65535 / 257 = 255
+        image = Image.fromarray((np.asarray(image) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def image_format(path: Path) -> str:
+    """The PIL format that `path`'s extension names; a ValueError for an unknown extension."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png or .jpg")
+    return fmt
 
 
 def save_image(image: Image.Image, path: str | Path) -> None:
     """Write atomically in the format the extension names: a killed run never leaves half a file."""
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png, .jpg or "
-                         ".webp")
+    fmt = image_format(Path(path))
     with atomic_write(path) as tmp:
         image.save(tmp, format=fmt)
 

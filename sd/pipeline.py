@@ -7,6 +7,7 @@ conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_unco
 (Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +24,43 @@ from sd.weights import Models, build, load, read
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 (GroupNorm and explicit attention maps still run in fp32), else CPU fp32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+    cuda = torch.cuda.is_available()
+    return (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+
+
+def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
+         groups: int = 1) -> list[int]:
+    """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
+    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
+    size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half
+    starts = {"uncond": [0] if cond else [], "cond": [cond], "both": sorted({0, cond})}[half]
+    return [s + group * size + i for s in starts for i in range(size)]
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: None gives cuda if present; an unusable name is a ValueError saying why."""
+    here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(name) if name else default_device_dtype()[0]
+    except RuntimeError:  # a type PyTorch does not know, such as "gpu"
+        device = torch.device("meta")
+    if (device.index or 0) >= here.get(device.type, 0):
+        have = " or ".join(t for t, n in here.items() if n)
+        raise ValueError(f"--device {name}: this machine has no such device; use {have}")
+    return device
+
+
+def concept_rows(vectors: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Learned tokens' vectors as rows [n, width]; a ValueError for a wrong width or NaN."""
+    for token, v in vectors.items():  # diffusers' files hold [1, width] per token
+        found = v.shape[-1] if v.dim() else 1
+        if found != width or v.numel() != width:
+            sd1 = " (an SD 1.x embedding: SD 1.x is 768 wide)" if found == 768 else ""
+            raise ValueError(f"learned token {token!r} is {list(v.shape)}{sd1}; this model takes "
+                             f"one vector of {width}: use one trained for this model")
+        if not v.isfinite().all():
+            raise ValueError(f"learned token {token!r} holds NaN or infinite values: retrain it")
+    return torch.cat([v.reshape(1, width) for v in vectors.values()])
 
 
 class Pipeline:
@@ -48,13 +83,9 @@ class Pipeline:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
         vectors = vectors if isinstance(vectors, dict) else read(vectors)
-        width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
-        rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
-        if len(rows) != len(vectors):
-            raise ValueError("one vector per learned token is supported, got "
-                             f"{len(rows)} vectors for {len(vectors)} tokens")
+        learned = concept_rows(vectors, self.cfg.text.width)
         ids = self.tokenizer.add_tokens(list(vectors))
-        self.models.text_encoder.add_tokens(rows)
+        self.models.text_encoder.add_tokens(learned)
         return ids
 
     @property
@@ -91,19 +122,23 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, cond: torch.Tensor, uncond, steps: int = 50,
                guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text)."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
+        """Run DDIM from x_T. `uncond`: one context, or one per step (null-text); one row serves
+        all prompts. `callback(step, t, x)` returns the latents to go on from (as k-diffusion)."""
         if ctrl is not None:
-            ctrl.prompts = x.shape[0]
+            ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)
         pred = self.cfg.schedule.prediction
         for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="sampling")):
             if ctrl is not None:
                 ctrl.step, ctrl.t = i, t
             u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-            out = self.guided(x, t, cond, u, guidance, ctrl)
+            out = self.guided(x, t, cond, u.expand(len(cond), -1, -1), guidance, ctrl)
             t_prev = ddim.previous(t, steps, self.cfg.schedule)
             x = ddim.step(out, x, t, t_prev, self.ac, pred, eta, generator).to(x.dtype)
+            if callback is not None:
+                x = callback(i, t, x)
         return x
 
     def __call__(self, prompts: str | list[str], negative: str | list[str] = "", steps: int = 50,
@@ -111,12 +146,9 @@ class Pipeline:
                  latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
-                 progress: bool = False):
-        """Text-to-image: PIL images (output="pil") or final latents (output="latent").
-
-        `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
-        inversion's optimised embeddings).
-        """
+                 progress: bool = False, callback=None):
+        """Text-to-image: PIL images (output="pil") or final latents (output="latent"). `uncond`
+        replaces the negative prompt's context: one tensor, or one per step (null-text's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
@@ -129,7 +161,7 @@ class Pipeline:
         if uncond is None:
             uncond = self.encode_prompt(negative).to(self.dtype)
         x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
-                        eta, g, progress)
+                        eta, g, progress, callback)
         return x if output == "latent" else to_pil(self.decode(x))
 
     @torch.no_grad()
@@ -149,33 +181,40 @@ class Pipeline:
 
 
 class HeatMap(Control):
-    """Sums the cross-attention maps of chosen token positions over steps, layers and heads.
-
-    Only the conditional half of the batch is read; maps of every resolution are resized to the
-    latent's and accumulated on the fly, so memory stays at [prompts, tokens, h, w].
-    """
+    """Cross-attention heat maps of chosen token positions, as DAAM defines them (Tang et al. 2023,
+    sec. 3; the daam package's trace.py): per down/up cross layer, the conditional rows' map
+    averaged over heads and upsampled bicubically to the latent size (clamped at 0, since bicubic
+    overshoots); layers averaged, steps summed. The mid block is left out, as in DAAM. Maps are
+    accumulated on the fly: memory stays at [prompts, tokens, h, w]."""
 
     def __init__(self, tokens: list[int], latent_hw: tuple[int, int]):
         super().__init__()
-        self.tokens, self.hw = tokens, latent_hw
-        self.total: torch.Tensor | None = None
+        self.tokens, self.hw, self.sites = tokens, latent_hw, set()
+        self.total: torch.Tensor | None = None  # summed over layers and steps
 
     def __call__(self, q, k, v, site):
-        if site.kind != "cross":
+        if site.kind != "cross" or site.place == "mid":
             return attention(q, k, v)
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
-        w = self.hw[1]
-        for _ in range(site.level):  # each UNet downsampler maps a side n to ceil(n / 2)
-            w = (w + 1) // 2
-        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), -1, w)
-        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
+        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
+        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bicubic").clamp_min(0)
         self.total = maps if self.total is None else self.total + maps
+        self.sites.add(site.name)
         return apply_map(attn, v)
 
-    def normalised(self) -> torch.Tensor:
-        """[prompts, tokens, h, w] scaled to [0, 1] per map."""
-        m = self.total.float()
-        lo = m.flatten(2).min(-1).values[..., None, None]
-        hi = m.flatten(2).max(-1).values[..., None, None]
+    def maps(self, spans: list[int] | None = None) -> torch.Tensor:
+        """[prompts, words, h, w]: the layer mean summed over steps; `spans` (tokens per word, in
+        `tokens`' order) makes a word of several tokens the mean of its tokens (DAAM)."""
+        m = self.total.float() / len(self.sites)
+        return torch.stack([w.mean(1) for w in m.split(spans, 1)], 1) if spans else m
+
+    def normalised(self, spans: list[int] | None = None) -> torch.Tensor:
+        """`maps(spans)` scaled to [0, 1] per map."""
+        m = self.maps(spans)
+        lo, hi = m.amin((-2, -1), keepdim=True), m.amax((-2, -1), keepdim=True)
         return (m - lo) / (hi - lo).clamp_min(1e-8)
+
+    def masks(self, spans: list[int] | None = None, threshold: float = 0.4) -> torch.Tensor:
+        """Where the normalised map reaches `threshold`: DAAM's segmentation (its tau = 0.4)."""
+        return self.normalised(spans) >= threshold

@@ -46,16 +46,24 @@ def read(file: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors or .ckpt file (the latter unpickled with weights_only)."""
     file = Path(file)
     if not file.is_file():
-        raise WeightsError(f"{file}: no such file. Fetch the weights with `make weights` "
-                           "(see weights/README.md).")
+        raise WeightsError(f"{file}: {'a folder, not a file' if file.is_dir() else 'no such file'}")
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
         sd = torch.load(file, map_location="cpu", weights_only=True)
-        return sd.get("state_dict", sd)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except SafetensorError as e:
         raise WeightsError(f"{file}: cannot be read ({e}). The file is probably incomplete or "
                            "corrupt: delete it and download it again (`make weights`).") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch's text would
+        # advise weights_only=False, i.e. running whatever code the file holds: never say that
+        raise WeightsError(f"{file}: cannot be read: not a checkpoint, or a truncated one, or one "
+                           "holding objects besides tensors (never unpickled: they could run "
+                           "code). Delete it and download it again.") from e
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise WeightsError(f"{file}: not a weights file (it holds a {type(sd).__name__}, not "
+                           "tensors by name)")
+    return sd
 
 
 def _component(path: Path, name: str, prefer_fp16: bool) -> Path:

@@ -22,13 +22,19 @@ def run(*args, cwd=ROOT):
 def test_tiny_text_to_image_with_heat_map(tmp_path):
     out = tmp_path / "img.png"
     r = run("a red circle on a blue background", "--model", "tiny", "--steps", "4",
-            "--width", "96", "--heatmap", "circle", "blue", "-o", str(out), "-q")
+            "--width", "96", "--heatmap", "circle", "blue", "--threshold", "0.4", "-o", str(out),
+            "-q")
     assert r.returncode == 0, r.stderr
     image = np.asarray(Image.open(out))
     assert image.shape == (64, 96, 3)
     assert image.std() > 1, "the image is constant"
     heat = Image.open(tmp_path / "img_heatmap.png")
-    assert heat.size == (3 * 96, 64)  # the image, then one overlay per word
+    assert heat.size == (5 * 96, 64)  # the image, one heat overlay per word, one mask per word
+
+
+def test_heat_map_threshold_is_checked_first():
+    r = run("a red circle", "--model", "tiny", "--heatmap", "circle", "--threshold", "1.5")
+    assert r.returncode == 2 and "--threshold" in r.stderr.splitlines()[-1]
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path):

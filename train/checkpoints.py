@@ -66,6 +66,15 @@ def find(out: Path, resume: str) -> Path:
     return folder
 
 
+def expect(folder: Path, files: list[str], what: str) -> None:
+    """Refuse to resume from a checkpoint whose weight files are not exactly `files`."""
+    found = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors"))
+    if found != sorted(files):
+        raise UsageError(f"--resume {folder}: it holds {', '.join(found) or 'no weights'}, but "
+                         f"this run trains {what}; resume with the options it was made with, "
+                         "or start afresh with another -o")
+
+
 def training_state(step: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    gen: torch.Generator) -> dict:
     """Everything besides the weights that a bit-exact resume needs; tensors and plain types

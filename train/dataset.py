@@ -18,21 +18,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from sd.images import rgb
 from train import UsageError
 
 if TYPE_CHECKING:  # draw() reads only run.rank and run.world
     from train.loop import Run
 
+MAX_ASPECT = 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class ImageFolder:
     """A folder's images in memory, uint8 [3, H, W], each resized so min(H, W) == resolution.
 
-    Checked once, up front: unreadable and non-image files are skipped, smaller images upscaled
-    (LANCZOS, as sd.images.load_image); both are listed in `warnings` for the CLI to print.
+    Checked once, up front: unreadable and non-image files are skipped, and so are images more
+    than MAX_ASPECT times as wide as high or the reverse (a random square of 12800x1 shows
+    nothing, and resizing it takes gigabytes); smaller images are upscaled (LANCZOS, as
+    sd.images.load_image). All are listed in `warnings` for the CLI to print.
     """
 
     def __init__(self, folder: str | Path, resolution: int, limit: int | None = None):
@@ -53,7 +57,7 @@ class ImageFolder:
             try:
                 with Image.open(f) as im:
                     im.load()
-                    image = ImageOps.exif_transpose(im).convert("RGB")  # phone photos: EXIF turns
+                    image = rgb(im)  # EXIF orientation (phone photos), 16-bit scaled to 8
             except UnidentifiedImageError:
                 skipped.append(f"{f.name} (not an image)")
                 continue
@@ -61,6 +65,9 @@ class ImageFolder:
                 skipped.append(f"{f.name} ({'truncated' if 'truncat' in str(e).lower() else e})")
                 continue
             w, h = image.size
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                skipped.append(f"{f.name} ({w}x{h}: crop it to the subject)")
+                continue
             if min(w, h) < resolution:
                 small.append(f"{f.name} ({w}x{h})")
             s = resolution / min(w, h)

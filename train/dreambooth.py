@@ -10,8 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from sd.files import unwritable
 from train import options
 
+PROG = "python -m train.dreambooth"
 EPILOG = """examples:
   # Photoswap's setting, on one GPU (bf16 and checkpointing to save memory):
   python -m train.dreambooth photos/my-dog --instance-prompt "a photo of sks dog" \\
@@ -41,9 +43,8 @@ to add a NEW token instead, use textual inversion (python -m train.textual_inver
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.dreambooth", description=__doc__,
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    options.add_arguments(p, lr=1e-6, steps=800, checkpoint_every=500, out="out/dreambooth")
+    p = options.parser(PROG, __doc__, EPILOG, lr=1e-6, steps=800, checkpoint_every=500,
+                       out="out/dreambooth")
     p.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')
     p.add_argument("--train-text-encoder", action="store_true",
                    help="fine-tune the text encoder too, at the same lr (Photoswap does)")
@@ -53,11 +54,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "the missing number is generated")
     p.add_argument("--num-class-images", type=int, default=100, help="(100)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (1.0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    class_dir = args.class_dir and unwritable(args.class_dir, folder=True)
+    return options.check(
+        p, args, (bool(args.class_prompt) and args.class_dir is None,
+                  "--class-prompt needs --class-dir, where class images are cached"),
+        (bool(class_dir), f"--class-dir: {class_dir}"),
+        (args.num_class_images < 1, "--num-class-images: give 1 or more"),
+        (not 0 <= args.prior_weight < float("inf"), "--prior-weight: give 0 or more"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return options.main(parse, "train.finetune", argv)
+    return options.main(PROG, parse, "train.finetune", argv)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ from torch import nn
 
 from sd.files import atomic_write
 from sd.pipeline import Pipeline
+from sd.tokenizer import Tokenizer
 from sd.weights import read
-from train import UsageError
+from train import UsageError, checkpoints
 from train.dataset import ImageFolder, draw, examples
-from train.loop import Denoiser, Settings, begin, denoising_loss, finish, fit, validate
+from train.loop import Denoiser, Settings, begin, denoising_loss, finish, fit, load, validate
 
 # diffusers textual_inversion.py imagenet_templates_small / imagenet_style_templates_small
 TEMPLATES = {
@@ -63,16 +64,27 @@ class NewRows(nn.Module):
         return nn.Embedding.from_pretrained(weight, freeze=True)
 
 
-def initial_vector(pipe: Pipeline, word: str | None, seed: int) -> torch.Tensor:
+def check_words(tokenizer: Tokenizer, token: str, init_word: str | None) -> int | None:
+    """Refuse a --token CLIP knows or an --init-word of several tokens; the init word's id."""
+    try:
+        tokenizer.add_tokens([token])
+    except ValueError as e:
+        raise UsageError(f"--token {token!r} cannot be added ({e}); pick a new word that CLIP "
+                         'does not know, such as "<my-dog>"') from e
+    ids = tokenizer.encode(init_word) if init_word is not None else [None]
+    if len(ids) != 1:
+        raise UsageError(f"--init-word {init_word!r} is {len(ids)} tokens; pick a word that is "
+                         "one token, such as dog, cat, toy or painting")
+    return ids[0]
+
+
+def initial_vector(pipe: Pipeline, word_id: int | None, seed: int) -> torch.Tensor:
+    """The init word's row of the token table, or random with the table's std (word_id None)."""
     table = pipe.models.text_encoder.embeddings.token_embedding.weight
-    if word is None:
+    if word_id is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(table.shape[1], generator=g).to(table) * table.std()
-    ids = pipe.tokenizer.encode(word)
-    if len(ids) != 1:
-        raise UsageError(f"--init-word {word!r} is {len(ids)} tokens; pick a word that is one "
-                         "token, such as dog, cat, toy or painting")
-    return table[ids[0]].clone()
+    return table[word_id].clone()
 
 
 @dataclass
@@ -84,20 +96,22 @@ class Result:
 
 def train(args: argparse.Namespace) -> Result:
     """Textual inversion with the options of `python -m train.textual_inversion`."""
-    run, pipe, side = begin(args)
-    cfg, m = pipe.cfg, pipe.models
-    vector = initial_vector(pipe, args.init_word, args.seed)
-    emb = m.text_encoder.embeddings
-    n = emb.token_embedding.weight.shape[0]  # rows before the new token
-    try:
-        pipe.add_concepts({args.token: vector})
-    except ValueError as e:
-        raise UsageError(f"--token {args.token!r} cannot be added ({e}); pick a new word that "
-                         'CLIP does not know, such as "<my-dog>"') from e
-    rows = emb.token_embedding = NewRows(emb.token_embedding, n)
+    run, cfg, side = begin(args)  # then everything else that can be checked before loading
+    word_id = check_words(Tokenizer(cfg.text.max_len, cfg.text.pad_id), args.token, args.init_word)
     images = ImageFolder(args.instance_dir, side)
     for warning in images.warnings:
         run.say(f"warning: {warning}")
+    if args.resume:
+        folder = checkpoints.find(args.out, args.resume)
+        checkpoints.expect(folder, [FILE], f"the token {args.token!r} ({FILE})")
+        if args.token not in (learned := read(folder / FILE)):
+            raise UsageError(f"--resume {folder}: it learned {', '.join(learned)}, not "
+                             f"{args.token!r}: resume with --token {next(iter(learned))}")
+    pipe = load(args, run, cfg)
+    m, emb = pipe.models, pipe.models.text_encoder.embeddings
+    n = emb.token_embedding.weight.shape[0]  # rows before the new token
+    pipe.add_concepts({args.token: initial_vector(pipe, word_id, args.seed)})
+    rows = emb.token_embedding = NewRows(emb.token_embedding, n)
     m.unet.set_checkpointing(args.checkpointing)
     templates = TEMPLATES[args.what]
     latent = (cfg.unet.in_channels, side // cfg.vae.factor, side // cfg.vae.factor)
@@ -113,13 +127,13 @@ def train(args: argparse.Namespace) -> Result:
     def vectors() -> dict[str, torch.Tensor]:
         return {args.token: rows.new.detach()[0].cpu().contiguous()}
 
-    def load(folder: Path) -> None:
+    def load_vector(folder: Path) -> None:
         with torch.no_grad():
             rows.new.copy_(read(folder / FILE)[args.token][None])
 
     prompt = args.validation_prompt or f"a photo of {args.token}"
     losses = fit(run, Settings.of(args), Denoiser(m.unet, m.text_encoder), [rows.new], loss,
-                 write=lambda folder: save_file(vectors(), folder / FILE), load=load,
+                 write=lambda folder: save_file(vectors(), folder / FILE), load=load_vector,
                  preview=lambda file: validate(pipe, prompt, file, args.validation_steps),
                  desc="textual inversion")
 

@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 from sd.files import atomic_folder
 from sd.images import save_image
 from sd.pipeline import Pipeline
-from sd.weights import save
-from train import UsageError
-from train.checkpoints import load_modules
+from sd.weights import FILES, save
+from train import checkpoints
 from train.dataset import IMAGE_SUFFIXES, ImageFolder, draw, examples
-from train.loop import Denoiser, Run, Settings, begin, denoising_loss, finish, fit, validate
+from train.loop import Denoiser, Run, Settings, begin, denoising_loss, finish, fit, load, validate
 
 
 def class_images(pipe: Pipeline, prompt: str, folder: Path, count: int, side: int, run: Run,
@@ -53,15 +52,18 @@ class Result:
 
 def train(args: argparse.Namespace) -> Result:
     """DreamBooth with the options of `python -m train.dreambooth` (train/dreambooth.py)."""
-    run, pipe, side = begin(args)
-    cfg, m = pipe.cfg, pipe.models
+    run, cfg, side = begin(args)
     instances = ImageFolder(args.instance_dir, side)
     for warning in instances.warnings:
         run.say(f"warning: {warning}")
+    names = ["unet"] + (["text_encoder"] if args.train_text_encoder else [])
+    if args.resume:  # before anything loads: is it a checkpoint of this kind of run?
+        checkpoints.expect(checkpoints.find(args.out, args.resume),
+                           [f"{FILES[n]}.safetensors" for n in names], " and ".join(names))
+    pipe = load(args, run, cfg)
+    m = pipe.models
     classes = None
     if args.class_prompt:
-        if args.class_dir is None:
-            raise UsageError("--class-prompt needs --class-dir, where class images are cached")
         if run.main:
             class_images(pipe, args.class_prompt, args.class_dir, args.num_class_images, side,
                          run, args.precision)
@@ -70,9 +72,7 @@ def train(args: argparse.Namespace) -> Result:
         for warning in classes.warnings:
             run.say(f"warning: {warning}")
 
-    trained: dict[str, nn.Module] = {"unet": m.unet}
-    if args.train_text_encoder:
-        trained["text_encoder"] = m.text_encoder
+    trained: dict[str, nn.Module] = {n: getattr(m, n) for n in names}
     for module in trained.values():
         module.train().requires_grad_(True)
     m.unet.set_checkpointing(args.checkpointing)
@@ -102,7 +102,7 @@ def train(args: argparse.Namespace) -> Result:
     prompt = args.validation_prompt or args.instance_prompt
     losses = fit(run, Settings.of(args), model, [p for p in model.parameters() if p.requires_grad],
                  loss, write=lambda folder: save(folder, cfg, **trained),
-                 load=lambda folder: load_modules(folder, **trained),
+                 load=lambda folder: checkpoints.load_modules(folder, **trained),
                  preview=lambda file: validate(pipe, prompt, file, args.validation_steps),
                  desc="dreambooth")
 

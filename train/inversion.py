@@ -28,6 +28,7 @@ from sd import ddim
 from sd.files import atomic_write
 from sd.pipeline import Pipeline
 
+MAX_STEPS = 100  # null-text inversion's lr * (1 - i/100) (the notebook's) is negative past it
 FORMAT = "sd21-inversion/1"  # safetensors metadata "format": what the file holds, and its version
 
 
@@ -48,14 +49,20 @@ class Inversion:
 
 
 def fingerprint(pipe: Pipeline) -> str:
-    """Config, prediction type and a hash of three small weight tensors: cheap, yet different
-    weights differ. The weights are rounded to fp16 first, so a model gives the same fingerprint
-    in fp16 on a GPU and in fp32 on a CPU (an inversion made on one replays on the other)."""
-    m = pipe.models
+    """Config, prediction type and a digest of every tensor of the text encoder, VAE and UNet.
+
+    Per tensor, the values rounded to fp16 are laid out in 7 columns and each column summed in
+    float64: changing any one value changes its column's sum, and moving values about almost
+    surely does. The sums are exact, hence the same in any order, on any device and for the model
+    in fp16 or fp32 (an inversion made on a GPU replays on a CPU): an fp16 value is a multiple of
+    2^-24, and float64 holds every such multiple below 2^29 (a tensor's sum of |w| is far less).
+    One pass over the weights where they are, none copied to the host."""
     h = hashlib.sha256()
-    for w in (m.unet.conv_in.weight, m.text_encoder.embeddings.token_embedding.weight[:16],
-              m.unet.conv_out.weight):
-        h.update(w.detach().half().float().cpu().numpy().tobytes())
+    for part in ("text_encoder", "vae", "unet"):
+        for name, w in getattr(pipe.models, part).state_dict().items():
+            columns = sum(F.pad(c.half().double(), (0, -len(c) % 7)).view(-1, 7).sum(0)
+                          for c in w.detach().flatten().split(7 * 2**21))  # bounds the copy
+            h.update(f"{part}.{name}".encode() + columns.cpu().numpy().tobytes())
     return f"{pipe.cfg.name}/{pipe.cfg.schedule.prediction}/{h.hexdigest()[:16]}"
 
 
@@ -108,7 +115,7 @@ def null_text_inversion(pipe: Pipeline, trajectory: list[torch.Tensor], cond: to
       invariant; a power of two changes no bit in fp32.
     """
     steps, s, unet, dtype = len(trajectory) - 1, pipe.cfg.schedule, pipe.models.unet, pipe.dtype
-    if steps > 100:
+    if steps > MAX_STEPS:
         raise ValueError(f"{steps} steps: the learning rate lr * (1 - i/100) is < 0 past 100")
     for m in (pipe.models.text_encoder, pipe.models.vae, unet):
         m.requires_grad_(False)

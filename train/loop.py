@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sd import ddim
 from sd.config import DTYPES, ModelConfig, preset
 from sd.images import grid, save_image
-from sd.pipeline import Pipeline
+from sd.pipeline import Pipeline, pick_device
 from sd.weights import WeightsError, resolve
 from train import UsageError, checkpoints
 from train.dataset import Draw
@@ -75,9 +75,13 @@ def start(device: str | None, quiet: bool) -> Run:
     """One process, or this process's rank in a torchrun launch (torchrun passes RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment: its interface).
     NCCL on CUDA, gloo on CPU."""
-    cuda = torch.cuda.is_available() and device in (None, "cuda")
+    try:
+        chosen = pick_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if "RANK" not in os.environ:
-        return Run(device=torch.device(device or ("cuda" if cuda else "cpu")), quiet=quiet)
+        return Run(device=chosen, quiet=quiet)
+    cuda = chosen.type == "cuda"
     d = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(d)
@@ -148,6 +152,7 @@ class Settings:
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"  # autocast dtype over fp32 master weights; fp16 adds a GradScaler
     checkpoint_every: int = 0  # and at the end
+    keep: int = 0  # the newest checkpoints kept (0: all)
     validate_every: int = 0  # 0: never
     resume: str | None = None  # "latest" or a checkpoint folder
     seed: int = 0  # of the data generator the loss draws from
@@ -199,7 +204,7 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
         look = preview and s.validate_every and done % s.validate_every == 0
         if run.main and keep:
             checkpoints.save(s.out, done, write,
-                             checkpoints.training_state(done, opt, scaler, gen))
+                             checkpoints.training_state(done, opt, scaler, gen), s.keep)
         if run.main and look:
             with run.autocast(s.precision):
                 preview(s.out / f"validation-{done}.png")
@@ -208,14 +213,24 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
     return losses
 
 
-def begin(args: argparse.Namespace) -> tuple[Run, Pipeline, int]:
-    """A trainer's start: the run, the fp32 pipeline, and the side of the training images."""
+def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
+    """A trainer's start, before anything loads: the run (--device checked), the preset (absent
+    weights: how to download them), and the side of the training images."""
     run = start(args.device, args.quiet)
-    pipe = load_pipeline(args.model, args.weights, run.device, args.seed)
-    side = args.resolution or pipe.cfg.resolution
-    if side % pipe.cfg.vae.factor:
-        raise UsageError(f"--resolution must be a multiple of {pipe.cfg.vae.factor}, got {side}")
-    return run, pipe, side
+    try:
+        cfg = resolve(args.model, args.weights)[0]
+    except WeightsError as e:
+        raise UsageError(str(e)) from None
+    side = args.resolution or cfg.resolution
+    if side % cfg.vae.factor:
+        raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
+    return run, cfg, side
+
+
+def load(args: argparse.Namespace, run: Run, cfg: ModelConfig) -> Pipeline:
+    """load_pipeline for a trainer, announced with a `model:` line as every CLI does."""
+    run.say(f"model: {cfg.name} ({cfg.schedule.prediction}) on {run.device}, fp32 weights")
+    return load_pipeline(args.model, args.weights, run.device, args.seed)
 
 
 def load_pipeline(model: str, weights: Path | None, device: torch.device, seed: int) -> Pipeline:

@@ -5,6 +5,7 @@ inversion (Miyake et al. 2023); the method is train/inversion.py.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                 description="Invert a photo for editing: x_T and one "
                                 "unconditional context per step (null-text inversion).",
                                 epilog="Weights: `make weights` (see weights/README.md).")
+    p.error = lambda message: p.exit(2, f"error: {message} (see {p.prog} --help)\n")
     p.add_argument("image", type=Path, help="the photo (cropped to the model's resolution)")
     p.add_argument("--prompt", required=True, help="describes the photo (the source prompt)")
     p.add_argument("-o", "--output", type=Path, help="inversion file (default: IMAGE.inv)")
@@ -34,16 +36,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
+    """What load_image's resize-and-crop of an image of `size` (w, h) loses, if it is a lot."""
+    w, h = size
+    scale = max(width / w, height / h)
+    kept = (width * height) / (w * h * scale**2)  # the share of the image the crop keeps
+    if scale > 4:
+        return f"it is {w}x{h}, scaled up {scale:.3g}x to {width}x{height}: use a larger image"
+    if kept < 0.25:
+        return f"it is {w}x{h}: a {width}x{height} crop keeps {kept:.1%}: crop it yourself first"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
     import torch
+    from PIL import Image
 
+    from sd import ddim
     from sd.config import DTYPES
-    from sd.images import load_image
+    from sd.files import unwritable
+    from sd.images import load_image, rgb
     from sd.pipeline import Pipeline, default_device_dtype
     from sd.weights import WeightsError, resolve
-    from train.inversion import invert, psnr, reconstruct, save
+    from train.inversion import MAX_STEPS, invert, psnr, reconstruct, save
 
     if not args.image.is_file():
         print(f"error: {args.image}: no such file", file=sys.stderr)
@@ -53,13 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as e:  # says how to download them
         print(e, file=sys.stderr)
         return 2
+    out = args.output or args.image.with_suffix(".inv")
+    h, w = args.height or cfg.resolution, args.width or cfg.resolution
+    try:  # everything that can be checked before the model loads
+        checks = [(not math.isfinite(args.guidance), "--guidance: give a finite number"),
+                  (args.inner_steps < 0, "--inner-steps: give 0 or more"),
+                  (not args.fast and args.steps > MAX_STEPS, f"--steps {args.steps}: null-text "
+                   f"inversion takes at most {MAX_STEPS} (its lr schedule); --fast takes more")]
+        if problem := unwritable(out) or next((m for failed, m in checks if failed), None):
+            raise ValueError(problem)
+        ddim.timesteps(args.steps, cfg.schedule)
+        image = load_image(args.image, h, w)  # a photo that cannot be read: say so now
+        with Image.open(args.image) as photo:
+            warning = fit_warning(rgb(photo).size, h, w)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if warning:
+        print(f"warning: {args.image}: {warning}", file=sys.stderr)
     device, dtype = default_device_dtype()
     dtype = DTYPES[args.dtype] if args.dtype else dtype
     print(f"model: {cfg.name} ({cfg.schedule.prediction}; {why}) on {device} in "
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    h, w = args.height or cfg.resolution, args.width or cfg.resolution
     try:
-        image = load_image(args.image, h, w)
         torch.manual_seed(args.seed)  # only random (tiny) weights draw from it
         pipe = Pipeline.load(cfg, weights, device, dtype)
         latent = pipe.encode(args.image, h, w)
@@ -68,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = args.output or args.image.with_suffix(".inv")
     save(inv, out)
     rec, vae = (psnr(pipe.decode(z), image) for z in (reconstruct(pipe, inv), latent))
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance})\n"

@@ -1,22 +1,30 @@
-"""What the trainers' command lines share: their options and how an error reaches the user.
+"""What the trainers' command lines share: their options, checking them, and how an error or a
+Ctrl-C reaches the user.
 
-Imports nothing heavy: a CLI parses its arguments with this before torch loads (over a second),
-so `--help` and usage errors answer at once.
+Imports nothing heavy: a CLI parses and checks its arguments with this before torch loads (over
+a second), so `--help` and usage errors answer at once.
 """
 
 import argparse
 import importlib
+import math
+import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from sd.config import DTYPE_NAMES, PRESETS
+from sd.files import unwritable
 from train import UsageError
 
 
-def add_arguments(p: argparse.ArgumentParser, lr: float, steps: int, checkpoint_every: int,
-                  out: str) -> None:
-    """The options both trainers take (the trainer gives its own defaults)."""
+def parser(prog: str, description: str, epilog: str, lr: float, steps: int,
+           checkpoint_every: int, out: str) -> argparse.ArgumentParser:
+    """The options every trainer takes, with the trainer's defaults; usage errors in one line."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message} (see {prog} --help)\n")
     p.add_argument("instance_dir", type=Path, help="folder of images of the concept (jpg, png, "
                    "webp, ...; 3-20 are typical); unreadable files are skipped with a warning, "
                    "images smaller than --resolution are upscaled with a warning")
@@ -47,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser, lr: float, steps: int, checkpoint_
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="save "
                    f"out/checkpoint-N every N steps ({checkpoint_every}) and at the end; 0: at "
                    "the end only")
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="keep the newest N complete "
+                   "checkpoints, removing older ones once a new one is complete (3; 0: all)")
     p.add_argument("--resume", metavar="CHECKPOINT", help='"latest" (the one out/latest names) '
                    "or a checkpoint folder: continues bit for bit (same options, same -o)")
     p.add_argument("--validate-every", type=int, default=0, metavar="N",
@@ -58,13 +68,41 @@ def add_arguments(p: argparse.ArgumentParser, lr: float, steps: int, checkpoint_
     p.add_argument("--device", help="cuda or cpu (default: cuda if present); under torchrun, "
                    "each process takes cuda:LOCAL_RANK")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
 
 
-def main(parse: Callable[[list[str] | None], argparse.Namespace], method: str,
+def check(p: argparse.ArgumentParser, args: argparse.Namespace,
+          *more: tuple[bool, str]) -> argparse.Namespace:
+    """`args`, once every value that cannot work is refused (one line, exit code 2); `more`:
+    the trainer's own (failed, message) pairs."""
+    checks = [
+        (args.steps < 1, "--steps: give 1 or more"),
+        (args.batch_size < 1, "--batch-size: give 1 or more"),
+        (args.grad_accum < 1, "--grad-accum: give 1 or more"),
+        (not (math.isfinite(args.lr) and args.lr > 0), "--lr: give a positive number"),
+        (args.warmup_steps < 0, "--warmup-steps: give 0 or more"),
+        (not 0 <= args.max_grad_norm < math.inf, "--max-grad-norm: give 0 (no clipping) or more"),
+        (args.resolution is not None and args.resolution < 8, "--resolution: give a multiple of 8"),
+        (args.checkpoint_every < 0, "--checkpoint-every: give 0 (at the end only) or more"),
+        (args.keep < 0, "--keep: give 0 (keep all) or more"),
+        (args.validate_every < 0, "--validate-every: give 0 (never) or more"),
+        (args.validation_steps < 1, "--validation-steps: give 1 or more"),
+        *more,
+    ]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
+    if problem := unwritable(args.out, folder=True):
+        p.error(f"-o: {problem}")
+    return args
+
+
+def main(prog: str, parse: Callable[[list[str] | None], argparse.Namespace], method: str,
          argv: list[str] | None) -> int:
-    """Parse, then run train(args) of the module `method` (e.g. "train.finetune"), imported only
+    """`prog` (the command) parses, then runs train(args) of the module `method` (e.g.
+    "train.finetune"), imported only
     now so that --help and usage errors answer before torch loads. A UsageError or WeightsError
-    is printed as one `error:` line, with exit code 2."""
+    is printed as one `error:` line (exit code 2); Ctrl-C says how to resume (exit code 130)."""
     args = parse(argv)
     train = importlib.import_module(method).train
     from sd.weights import WeightsError
@@ -74,4 +112,25 @@ def main(parse: Callable[[list[str] | None], argparse.Namespace], method: str,
     except (UsageError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank speaks
+            print(interrupted(prog, args.out, sys.argv[1:] if argv is None else argv),
+                  file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(prog: str, out: Path, argv: list[str]) -> str:
+    """What to say on Ctrl-C: where the last complete checkpoint is and how to go on from it."""
+    latest = out / "latest"
+    if not latest.is_file():
+        return f"interrupted before the first checkpoint: nothing to resume in {out}"
+    kept, rest = [], iter(argv)
+    for a in rest:  # the same command without its --resume, if it had one
+        if a == "--resume":
+            next(rest, None)
+        elif not a.startswith("--resume="):
+            kept.append(a)
+    command = prog + " " + shlex.join([*kept, "--resume", "latest"])
+    return (f"interrupted; the last complete checkpoint is {out / latest.read_text().strip()}. "
+            f"Continue with:\n    {command}")

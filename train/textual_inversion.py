@@ -9,6 +9,7 @@ import sys
 
 from train import options
 
+PROG = "python -m train.textual_inversion"
 EPILOG = """examples:
   python -m train.textual_inversion photos/my-dog --token "<my-dog>" --init-word dog \\
       --weights weights/sd2.1-base -o out/my-dog-ti
@@ -26,10 +27,8 @@ Multi-GPU: torchrun --nproc_per_node N -m train.textual_inversion ... (as train.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.textual_inversion", description=__doc__,
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    options.add_arguments(p, lr=5e-4, steps=3000, checkpoint_every=500,
-                          out="out/textual-inversion")
+    p = options.parser(PROG, __doc__, EPILOG, lr=5e-4, steps=3000, checkpoint_every=500,
+                       out="out/textual-inversion")
     p.add_argument("--token", required=True, help='the new word, e.g. "<my-dog>"; it must not '
                    "be in CLIP's vocabulary already")
     p.add_argument("--init-word", help='start from this one-token word\'s embedding, e.g. "dog" '
@@ -37,11 +36,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     # the keys of train.embedding.TEMPLATES, typed out: importing that module loads torch
     p.add_argument("--what", choices=("object", "style"), default="object",
                    help="prompt templates: an object (a photo of a TOKEN) or a style (object)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return options.check(p, args, (not args.token.strip() or " " in args.token.strip(),
+                                   '--token: give one new word without spaces, such as "<my-dog>"'))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return options.main(parse, "train.embedding", argv)
+    return options.main(PROG, parse, "train.embedding", argv)
 
 
 if __name__ == "__main__":

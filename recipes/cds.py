@@ -1,0 +1,257 @@
+"""Text-guided image editing by Delta Denoising Score (Hertz et al., ICCV 2023, arXiv 2304.07090)
+and Contrastive Denoising Score (Nam et al., CVPR 2024, arXiv 2311.18608).
+
+The photo's latent z_src stays fixed; a copy z_trg is optimised. At each iteration a timestep t
+and a noise eps are drawn once and shared: both latents are noised to t, the guided noise
+prediction is taken for z_src with the source prompt and for z_trg with the target prompt, and
+their difference is z_trg's gradient (DDS: what the prompt change asks for, with the bias both
+predictions share cancelled). CDS adds a PatchNCE loss (CUT, Park et al. 2020) between the
+source's and the target's self-attention features in the decoder: at random patch positions a
+target feature must match the source feature at the same place more than the source features at
+other places, which keeps the structure of the photo.
+
+Settings are the CDS authors' (HyelinNAM/ContrastiveDenoisingScore): SGD lr 0.1, 200 iterations,
+guidance 7.5, t uniform in [50, 950), weights 1 (DDS) and 3 (CUT), 256 patches of sizes 1 and 2,
+temperature 0.07, and their DDS step: the surrogate loss 2000 * sum(z_trg * delta) / (h * w) at
+512 px (64x64 latents), i.e. a gradient of 2000 / 4096 * delta per latent element.
+Departures: that per-element factor is kept at every latent size (theirs shrinks with the area:
+a 16x16 toy latent would take steps 16 times as large); the features are each self-attention
+layer's output before its output projection (what the sd control interface hands a control;
+theirs is after `to_out`, a fixed linear map).
+
+    python -m recipes.cds photo.png --source "a cat" --target "a dog" -o out.png
+    python -m recipes.cds --toy 20 --weights weights/toy   # background PSNR, CDS vs DDS
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipes import load, model_options, settings_from, settings_options, toy_world
+from sd.files import unwritable
+
+
+@dataclass(frozen=True)
+class Settings:
+    iterations: int = 200
+    lr: float = 0.1
+    guidance: float = 7.5
+    t_min: int = 50
+    t_max: int = 950
+    w_dds: float = 1.0
+    w_cut: float = 3.0
+    patches: int = 256
+    patch_sizes: tuple[int, ...] = (1, 2)
+    temperature: float = 0.07
+    scale: float = 2000 / 64**2
+
+
+HELP = {  # --help's words for each setting
+    "iterations": "optimisation steps on the target latent",
+    "lr": "SGD learning rate",
+    "guidance": "classifier-free guidance scale of both noise predictions",
+    "t_min": "t is drawn uniformly from [t-min, t-max) (DDS avoids the extremes)",
+    "t_max": "see --t-min",
+    "w_dds": "weight of the DDS gradient",
+    "w_cut": "weight of the contrastive (CUT) loss; 0 gives DDS alone",
+    "patches": "patch positions sampled per layer and patch size",
+    "patch_sizes": "patch sides in feature pixels (average-pooled)",
+    "temperature": "of the PatchNCE softmax",
+    "scale": "the DDS gradient per latent element is scale * w_dds * delta (theirs: 2000/64^2)",
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m recipes.cds", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", nargs="?", type=Path, help="the photo to edit")
+    p.add_argument("--source", help="a prompt describing the photo")
+    p.add_argument("--target", help="the same prompt, changed as the photo should change")
+    p.add_argument("--toy", type=int, metavar="SCENES", help="instead: edit the subject's colour "
+                   "in SCENES held-out toy scenes with DDS and CDS, and report background PSNR")
+    settings_options(p, Settings, HELP)
+    model_options(p)
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="edited image")
+    args = p.parse_args(argv)
+    if message := unwritable(args.output):
+        p.error(message)
+    if args.toy is None and (args.image is None or args.source is None or args.target is None):
+        p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
+    counts = (args.iterations, args.patches, *args.patch_sizes, 1 if args.toy is None else args.toy)
+    if min(counts) < 1:
+        p.error("--iterations, --patches, --patch-sizes and --toy: give 1 or more")
+    if not 0 <= args.t_min < args.t_max <= 1000 or args.temperature <= 0:
+        p.error("need 0 <= --t-min < --t-max <= 1000 and a positive --temperature")
+    return args
+
+
+if __name__ == "__main__":
+    parse()  # --help and usage errors answer before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from sd import ddim  # noqa: E402
+from sd.attention import Control, attention  # noqa: E402
+from sd.pipeline import Pipeline, rows  # noqa: E402
+
+
+class SelfFeatures(Control):
+    """Keeps, with their graph, the conditional rows' outputs of the decoder's self-attention
+    layers: feats[site] = ([rows, h*w, channels], (h, w))."""
+
+    def __init__(self, latent_hw: tuple[int, int]):
+        super().__init__()
+        self.hw, self.feats = latent_hw, {}
+
+    def __call__(self, q, k, v, site):
+        out = attention(q, k, v)
+        if site.kind == "self" and site.place == "up":
+            cond = out[rows(len(out), self.prompts, "cond")]  # [prompts, heads, h*w, d]
+            self.feats[site.name] = (cond.transpose(1, 2).flatten(2), site.shape(self.hw))
+        return out
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last axis, finite with a finite gradient at x = 0 (F.normalize's
+    gradient there is 1/eps = 1e12)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-8)
+
+
+def patch_nce(source: torch.Tensor, target: torch.Tensor, hw: tuple[int, int], s: Settings,
+              g: torch.Generator) -> torch.Tensor:
+    """CUT's PatchNCE between one layer's features [h*w, C] of source (a constant) and target,
+    summed over patch sizes (average pooling), each the mean over up to `s.patches` positions."""
+    loss = target.new_zeros(())
+    for size in s.patch_sizes:
+        if min(hw) < size:
+            continue  # a map smaller than the patch has no patch of that size
+        a, b = (F.avg_pool2d(x.T.reshape(1, -1, *hw), size).flatten(2)[0].T
+                for x in (source.detach(), target))
+        a, b = unit(a.float()), unit(b.float())
+        keep = torch.randperm(len(a), generator=g)[:s.patches].to(a.device)
+        a, b = a[keep], b[keep]
+        sim = a @ b.T  # sim[i, j]: source patch i against target patch j
+        positive = sim.diagonal()[:, None]
+        negative = sim.masked_fill(torch.eye(len(a), dtype=torch.bool, device=a.device), -10.0)
+        logits = torch.cat([positive, negative], 1) / s.temperature  # the answer is column 0
+        loss = loss + F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long,
+                                                          device=a.device))
+    return loss
+
+
+def dds_step(pipe: Pipeline, z_src: torch.Tensor, z_trg: torch.Tensor, cond: torch.Tensor,
+             uncond: torch.Tensor, t: int, noise: torch.Tensor, s: Settings,
+             g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation of both branches: (delta = eps_trg - eps_src, detached; the CUT loss,
+    differentiable in z_trg). cond = [source, target] contexts, uncond one row."""
+    ctrl = SelfFeatures(z_src.shape[-2:])
+    ctrl.prompts = 2
+    x = ddim.add_noise(torch.cat([z_src, z_trg]), noise.expand(2, -1, -1, -1), t, pipe.ac)
+    out = pipe.guided(x.to(pipe.dtype), t, cond, uncond.expand(2, -1, -1), s.guidance, ctrl)
+    eps = ddim.to_eps(out.float(), x, ddim.alpha(pipe.ac, t), pipe.cfg.schedule.prediction)
+    features = ctrl.feats.values() if s.w_cut else []  # w_cut 0: DDS alone
+    cut = sum((patch_nce(f[0], f[1], hw, s, g) for f, hw in features), z_trg.new_zeros(()))
+    return (eps[1:] - eps[:1]).detach(), cut
+
+
+def edit(pipe: Pipeline, z_src: torch.Tensor, source: str, target: str, s: Settings = Settings(),
+         seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """The edited latent: z_trg, started at z_src [1, 4, h, w] (scaled), after `s.iterations`
+    SGD steps on the DDS gradient plus w_cut times the CUT loss."""
+    g = torch.Generator().manual_seed(seed)
+    cond = pipe.encode_prompt([source, target]).to(pipe.dtype)
+    uncond = pipe.encode_prompt("").to(pipe.dtype)
+    z_src = z_src.float()
+    z_trg = z_src.clone().requires_grad_(True)
+    opt = torch.optim.SGD([z_trg], lr=s.lr)
+    for _ in tqdm(range(s.iterations), disable=not progress, desc="editing"):
+        t = int(torch.randint(s.t_min, s.t_max, (1,), generator=g))
+        noise = torch.randn(z_src.shape, generator=g).to(z_src.device)
+        with torch.set_grad_enabled(s.w_cut != 0):  # DDS alone needs no graph
+            delta, cut = dds_step(pipe, z_src, z_trg, cond, uncond, t, noise, s, g)
+        with torch.enable_grad():  # d/dz_trg of sum(z_trg * delta) is delta: DDS's gradient,
+            # applied through a surrogate loss as the official codes do
+            loss = s.scale * s.w_dds * (z_trg * delta).sum() + s.w_cut * cut
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z_trg.detach()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] over the pixels where `where` [H, W] is true."""
+    mse = (a - b).pow(2).mean(-3)[..., where].mean()
+    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).item()
+
+
+def evaluate_toy(pipe: Pipeline, scenes: int = 20, s: Settings = Settings(), seed: int = 0,
+                 progress: bool = False) -> dict[str, float]:
+    """Recolour the subject of `scenes` held-out one-subject toy scenes with DDS (w_cut 0) and
+    CDS, from the same seed. Background PSNR: against the photo, outside the exact subject mask
+    dilated by 2 px; subject PSNR: against the exact render of the edited scene, inside the mask
+    (an edit that does nothing scores high on the first and low on the second)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    world = toy_world()
+    results: dict[str, list[float]] = {}
+    i, done = 0, 0
+    while done < scenes:
+        scene, i = world.test_scene(i, two=0.0), i + 1
+        if len(scene.subjects) != 1:
+            continue
+        subject = scene.subjects[0]
+        colours = [c for c in world.COLOURS if c not in (subject.colour, scene.background)]
+        edited = replace(scene, subjects=(replace(subject, colour=colours[done % len(colours)]),))
+        photo, masks, _ = world.render(scene)
+        ideal = torch.from_numpy(world.render(edited)[0]).permute(2, 0, 1).float() / 255
+        mask = torch.from_numpy(masks[0])
+        near = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0  # dilated by 2 px
+        z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
+        original = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+        for name, w_cut in (("dds", 0.0), ("cds", s.w_cut)):
+            out = pipe.decode(edit(pipe, z, world.caption(scene), world.caption(edited),
+                                   replace(s, w_cut=w_cut), seed + done))[0].float().cpu()
+            results.setdefault(f"{name} background psnr", []).append(psnr(out, original, ~near))
+            results.setdefault(f"{name} subject psnr", []).append(psnr(out, ideal, mask))
+        done += 1
+        if progress:
+            print(f"scene {done}/{scenes}: " + ", ".join(f"{k} {v[-1]:.2f}"
+                                                         for k, v in results.items()),
+                  file=sys.stderr)
+    return {k: sum(v) / len(v) for k, v in results.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from sd.images import image_format, load_image, save_image, to_pil
+    from sd.weights import WeightsError
+
+    s = settings_from(args, Settings)
+    try:  # what the user gave is checked before the model loads
+        image_format(args.output)
+        if args.toy is not None:
+            toy_world()
+        else:
+            load_image(args.image, 64, 64)
+        pipe = load(args)
+        if args.toy is not None:
+            result = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
+            print(", ".join(f"{k}: {v:.2f} dB" for k, v in result.items()))
+            return 0
+        z = pipe.encode(args.image)
+        out = edit(pipe, z, args.source, args.target, s, args.seed, not args.quiet)
+        save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], args.output)
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

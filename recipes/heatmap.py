@@ -1,0 +1,118 @@
+"""Heat maps of a given image (DAAM, Tang et al. 2023) and their evaluation on the toy world.
+
+The heat map itself is `sd.pipeline.HeatMap` (one implementation; `python -m sd --heatmap` draws it
+for generated images). Here it is read for an image the model did not generate: the image's
+latent is noised to each timestep of a DDIM schedule (one shared noise) and denoised once with
+its caption, the control recording as during sampling. On the toy world the subject's exact
+mask is known, so the word's thresholded map is scored by IoU against it, beside a centred blob
+(a centred Gaussian thresholded the same way): the baseline any layout prior would reach.
+
+    python -m recipes.heatmap --toy 50 --weights weights/toy       # mean IoU, and the baseline
+"""
+
+import argparse
+import sys
+
+from recipes import load, model_options
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m recipes.heatmap", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", type=int, metavar="SCENES", required=True,
+                   help="held-out one-subject toy scenes to score")
+    p.add_argument("--steps", type=int, default=50, help="timesteps the maps are summed over "
+                   "(a DDIM schedule, default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of each evaluation "
+                   "(default 7.5; the maps read the conditional half either way)")
+    p.add_argument("--threshold", type=float, default=0.4, help="tau on the normalised map "
+                   "(default 0.4, DAAM's)")
+    model_options(p)
+    args = p.parse_args(argv)
+    if args.toy < 1 or args.steps < 1 or not 0 <= args.threshold <= 1:
+        p.error("--toy and --steps must be at least 1, --threshold within 0 to 1")
+    return args
+
+
+if __name__ == "__main__":
+    parse()  # --help and usage errors answer before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sd import ddim  # noqa: E402
+from sd.pipeline import HeatMap, Pipeline  # noqa: E402
+
+
+@torch.no_grad()
+def image_heat(pipe: Pipeline, z: torch.Tensor, prompt: str, words: list[str], steps: int = 50,
+               guidance: float = 7.5, seed: int = 0) -> HeatMap:
+    """HeatMap of the words of `prompt` for the scaled latent z [1, 4, h, w]: z noised to every
+    timestep of a `steps`-step DDIM schedule with one noise, one guided evaluation each."""
+    tokens = [pipe.tokenizer.word_indices(prompt, w) for w in words]
+    heat = HeatMap([i for t in tokens for i in t], tuple(z.shape[-2:]))
+    heat.prompts, heat.steps = 1, steps
+    cond, uncond = pipe.encode_prompt(prompt), pipe.encode_prompt("")
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+    for i, t in enumerate(ddim.timesteps(steps, pipe.cfg.schedule).tolist()):
+        heat.step, heat.t = i, t
+        pipe.guided(ddim.add_noise(z, noise, t, pipe.ac), t, cond, uncond, guidance, heat)
+    return heat
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a & b).sum() / (a | b).sum().clamp_min(1)).item()
+
+
+def centred_blob(h: int, w: int, threshold: float) -> torch.Tensor:
+    """A centred Gaussian (std a quarter of each side) thresholded like a normalised heat map."""
+    y = torch.arange(h, dtype=torch.float32)[:, None] + 0.5 - h / 2
+    x = torch.arange(w, dtype=torch.float32)[None, :] + 0.5 - w / 2
+    return torch.exp(-(x / (w / 4)) ** 2 / 2 - (y / (h / 4)) ** 2 / 2) >= threshold
+
+
+def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: float = 7.5,
+                 threshold: float = 0.4, seed: int = 0) -> dict[str, float]:
+    """Mean IoU of the subject word's mask (the shape's name; DAAM's tau) with the exact subject
+    mask over held-out one-subject toy scenes, and of a centred blob with the same masks."""
+    from PIL import Image
+
+    from recipes import toy_world
+
+    world, scores, blobs, i = toy_world(), [], [], 0
+    while len(scores) < scenes:
+        scene, i = world.test_scene(i, two=0.0), i + 1
+        if len(scene.subjects) != 1:
+            continue
+        photo, masks, _ = world.render(scene)
+        truth = torch.from_numpy(masks[0])
+        z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
+        heat = image_heat(pipe, z, world.caption(scene), [scene.subjects[0].shape], steps,
+                          guidance, seed + i)
+        up = F.interpolate(heat.maps([len(heat.tokens)]).float().cpu(), size=truth.shape,
+                           mode="bicubic")[0, 0]
+        up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-8)
+        scores.append(iou(up >= threshold, truth))
+        blobs.append(iou(centred_blob(*truth.shape, threshold), truth))
+    return {"mean iou": sum(scores) / scenes, "centred blob iou": sum(blobs) / scenes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from recipes import toy_world
+    from sd.weights import WeightsError
+
+    try:
+        toy_world()
+        pipe = load(args)
+        result = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
+                              args.seed)
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {v:.3f}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
