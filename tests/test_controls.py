@@ -130,7 +130,8 @@ def test_heat_map_reads_cond_half_tokens_and_orientation():
                               tokens, score)
     heat(q1, k1, v1, Site("s1", "cross", "up", 1))
     low = closed_form([box(5, 3, 0, 1, 0, 3), box(5, 3, 0, 5, 2, 3)], score)
-    up = torch.nn.functional.interpolate(low[None].float(), size=(h, w), mode="bilinear")[0]
+    # DAAM's resize: bicubic, clamped at 0 (bicubic overshoots).
+    up = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bicubic")[0].clamp_min(0)
     assert_parity("heat map, two sites", heat.total, (expected + up).float(), REL)
     assert heat.total[:, 0, 0].sum() > heat.total[:, 0, -1].sum()  # row 0 lit at level 1
 
@@ -154,8 +155,9 @@ def test_word_indices_multi_token_and_repeated_words(tiny):
 
 @torch.no_grad()
 def test_heat_map_in_the_pipeline_matches_a_reference(tiny):
-    """HeatMap over a 3-step run at a 10x7 latent equals the sum, over sites and steps, of the
-    conditional rows' head-averaged maps of its tokens, recomputed from the same q and k."""
+    """HeatMap over a 3-step run at a 10x7 latent equals the sum, over down/up cross sites and
+    steps, of the conditional rows' head-averaged maps of its tokens, recomputed from the same q
+    and k and resized as DAAM does (Tang et al. 2023: bicubic, clamped at 0)."""
     pipe = Pipeline(tiny, TINY)
     prompts = ["a cat beside a cat", "a photoswapping dog"]
     tokens = pipe.tokenizer.word_indices(prompts[0], "cat")
@@ -165,11 +167,12 @@ def test_heat_map_in_the_pipeline_matches_a_reference(tiny):
 
     def look(q, k, v, site, call):
         nonlocal expected
-        if site.kind != "cross":
+        if site.kind != "cross" or site.place == "mid":  # DAAM leaves the mid block out
             return
         maps = reference_map(q, k)[-2:].mean(1)[..., tokens]  # cond rows: [2, h*w, tokens]
         maps = maps.transpose(1, 2).unflatten(-1, (side(h, site.level), side(w, site.level)))
-        expected += torch.nn.functional.interpolate(maps, size=(h, w), mode="bilinear")
+        up = torch.nn.functional.interpolate(maps, size=(h, w), mode="bicubic").clamp_min(0)
+        expected += up
 
     tap = Tap(heat, look, tiny.unet.sites[0].name)
     pipe(prompts, steps=3, ctrl=tap, height=8 * h, width=8 * w, output="latent")
