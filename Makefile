@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all run weights bench clean swap toy-weights
+.PHONY: test test-all mutants run weights bench clean swap toy-weights
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)  ## the suite CI runs (slow and GPU tests skipped)
 
 test-all: $(STAMP)  ## everything, slow tests included
 	$(BIN)/python -m pytest -q
+
+mutants: $(STAMP)  ## plant each bug of tests/mutants.py in a copy; every one must fail a test
+	$(BIN)/python tests/mutants.py
 
 run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
 	$(BIN)/python -m sd "$(PROMPT)" --model $(MODEL) --weights weights/$(MODEL) -o out/sample.png

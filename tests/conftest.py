@@ -85,8 +85,32 @@ def shipped(name: str) -> dict:
     return json.loads((DATA / f"sd21_{name}_config.json").read_text())
 
 
+def relative_difference(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|ours - ref| / max|ref|, in float64: a parity measure that means the same at any scale.
+
+    Absolute bounds are not portable: a random tiny model's latents reach 50+, and BLAS and the
+    vectorised kernels (ATEN_CPU_CAPABILITY default / avx2 / avx512) order float32 reductions
+    differently, so a correct forward pass differs from the reference by a few float32 ulps of
+    the largest values (~1e-7 relative per op), times whatever the computation amplifies.
+    """
+    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    assert ours.isfinite().all(), "non-finite values"
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def assert_parity(name: str, ours: torch.Tensor, ref: torch.Tensor, bound: float) -> float:
+    """Relative parity (see `relative_difference`) within `bound`; prints the figure so that
+    `pytest -s | grep PARITY` collects what each kernel path gives."""
+    rel = relative_difference(ours, ref)
+    print(f"\nPARITY {name}: {rel:.2e} relative (bound {bound:.0e}, max|ref| "
+          f"{ref.abs().max().item():.3g})")
+    assert rel <= bound, f"{name}: relative difference {rel:.3e} from the reference > {bound:.0e}"
+    return rel
+
+
 __all__ = ["DATA", "SD21_NAMES", "randomize", "reference_unet", "reference_vae",
-           "reference_text", "shipped", "replace"]
+           "reference_text", "shipped", "replace", "relative_difference", "assert_parity"]
 
 
 def openai_bytes_to_unicode() -> dict[int, str]:

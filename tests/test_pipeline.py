@@ -1,21 +1,32 @@
 """Text-to-image parity with diffusers' StableDiffusionPipeline, determinism, image helpers."""
 
+import inspect
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import reference_text, reference_unet, reference_vae
+from conftest import assert_parity, reference_text, reference_unet, reference_vae
 from PIL import Image
 
 from sd import ddim
 from sd.attention import Control
 from sd.config import TINY
 from sd.images import load_image
-from sd.pipeline import HeatMap, Pipeline
+from sd.pipeline import Pipeline
 
 PROMPTS = ["a photo of a red circle on a blue striped background", "an astronaut, riding a horse"]
 NEGATIVE = "blurry, low quality"
+# 20 guided steps of a random model (latents reach 57) amplify rounding. Run alone these tests
+# give 0 here; after other tests in the same process (other memory alignment, so other vector
+# remainders) the final latents differ by up to 5.3e-6 relative and the images by 1.3e-5, on the
+# default, AVX2 and AVX-512 kernels alike (issue 8's CPU: 2.9e-6 for the latents). A UNet resnet
+# eps 1e-5 -> 1e-6 moves the latents by the same 3.7e-6 (epsilon) to 9.0e-6 (eta): no portable
+# bound here can tell that bug from rounding, so test_modules.py's
+# test_norm_eps_at_small_variance catches it. 1e-4 is 7x the worst seen (the images; the old
+# bound was 1e-4 absolute on them too) and 20x for the latents; the bugs these tests catch (CFG
+# halves, guidance, timesteps, the VAE scaling) give 1e-3 and more.
+PIPELINE_TOL = 1e-4
 
 
 def reference_pipeline(cfg, models, tokenizer):
@@ -33,7 +44,9 @@ def reference_pipeline(cfg, models, tokenizer):
         tokenizer=tokenizer, unet=reference_unet(cfg, models.unet.state_dict()),
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.vae.config.scaling_factor = cfg.vae.scaling
+    # diffusers' own default (0.18215, LDM's configs), not ours: a wrong scaling must show.
+    pipe.vae.config.scaling_factor = inspect.signature(type(pipe.vae)).parameters[
+        "scaling_factor"].default
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -50,11 +63,9 @@ def test_pipeline_parity(tiny, hf_tokenizer, prediction):
     ref_images = theirs(PROMPTS, output_type="np", **kwargs).images
     latents = ours(PROMPTS, NEGATIVE, steps=20, guidance=7.5, latents=x_T, output="latent")
     images = ours.decode(latents).permute(0, 2, 3, 1).numpy()
-    d_lat = (latents - ref_latents).abs().max().item()
-    d_img = np.abs(images - ref_images).max()
-    print(f"{prediction}: final latents max abs diff {d_lat:.3g} "
-          f"(max {ref_latents.abs().max():.3g}), image {d_img:.3g}")
-    assert d_lat < 1e-4 and d_img < 1e-4
+    assert_parity(f"pipeline {prediction} latents", latents, ref_latents, PIPELINE_TOL)
+    assert_parity(f"pipeline {prediction} images", torch.from_numpy(images),
+                  torch.from_numpy(ref_images), PIPELINE_TOL)
 
 
 def test_pipeline_parity_with_eta(tiny, hf_tokenizer):
@@ -63,9 +74,7 @@ def test_pipeline_parity_with_eta(tiny, hf_tokenizer):
     ref = theirs(PROMPTS[:1], num_inference_steps=10, eta=0.7, latents=x_T.clone(),
                  generator=torch.Generator().manual_seed(5), output_type="latent").images
     latents = ours(PROMPTS[:1], steps=10, eta=0.7, latents=x_T, seed=5, output="latent")
-    diff = (latents - ref).abs().max().item()
-    print(f"eta 0.7: max abs diff {diff:.3g}")
-    assert diff < 1e-4
+    assert_parity("pipeline eta 0.7 latents", latents, ref, PIPELINE_TOL)
 
 
 def test_same_seed_same_image(tiny):
@@ -105,16 +114,6 @@ def test_guidance_one_skips_the_unconditional_half(tiny):
     pipe, rec = Pipeline(tiny, TINY), Recorder()
     pipe(PROMPTS[:1], steps=2, guidance=1.0, ctrl=rec, output="latent")
     assert {c[4] for c in rec.calls} == {1}
-
-
-def test_heat_map(tiny):
-    pipe = Pipeline(tiny, TINY)
-    idx = pipe.tokenizer.word_indices(PROMPTS[0], "circle")
-    heat = HeatMap(idx, (10, 6))
-    pipe(PROMPTS[:1], steps=3, ctrl=heat, height=80, width=48, output="latent")
-    maps = heat.normalised()
-    assert maps.shape == (1, len(idx), 10, 6)
-    assert maps.min() == 0 and maps.max() == 1
 
 
 def test_load_image_modes_and_orientation(tmp_path):

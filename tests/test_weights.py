@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, SD21_NAMES, randomize
+from conftest import DATA, SD21_NAMES, assert_parity, randomize
 from safetensors.torch import load_file, save_file
 
 from sd import weights
@@ -147,12 +147,15 @@ def test_save_loads_in_diffusers_and_transformers(tmp_path, tiny):
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     ids = torch.randint(0, 49408, (1, 77), generator=g)
     with torch.no_grad():
+        # The module parity bound (test_modules.py): these are the same forward passes.
         unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-        torch.testing.assert_close(unet(x, 10, ctx).sample, tiny.unet(x, 10, ctx))
+        assert_parity("saved UNet in diffusers", tiny.unet(x, 10, ctx), unet(x, 10, ctx).sample,
+                      1e-5)
         vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
-        torch.testing.assert_close(vae.decode(x).sample, tiny.vae.decode(x))
+        assert_parity("saved VAE in diffusers", tiny.vae.decode(x), vae.decode(x).sample, 1e-5)
         text = CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
-        torch.testing.assert_close(text(ids).last_hidden_state, tiny.text_encoder(ids))
+        assert_parity("saved text encoder in transformers", tiny.text_encoder(ids),
+                      text(ids).last_hidden_state, 1e-5)
     again = weights.load(tmp_path, TINY)
     assert_same(again.unet.state_dict(), tiny.unet.state_dict())
 
