@@ -1,4 +1,4 @@
-# Two commands set everything up on a fresh machine:  `make test`  and  `make run`.
+# Two commands set everything up on a fresh machine:  `make swap`  and  `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
