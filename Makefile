@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all run weights bench clean
+.PHONY: test test-all run weights bench toy clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules
+
+TOYRUN ?= out/toyrun
+toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (about 2 CPU hours; resumable)
+	$(BIN)/python -m train.judge -o $(TOYRUN)/judge.pt
+	$(BIN)/python -m train.pretrain all --run $(TOYRUN) -o weights/toy
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -27,10 +27,11 @@ SHAPES, COLOURS = scenes.SHAPES, list(scenes.COLOURS)
 class Judge(nn.Module):
     """Images [B, 3, 64, 64] in [-1, 1] -> (shape logits [B, 6], colour logits [B, 8])."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
-        layers, c_in = [], 3
-        for c in (width, 2 * width, 4 * width, 4 * width):  # 64 -> 32 -> 16 -> 8 -> 4 px
+        # A strided stem first: full-resolution convolutions cost seconds per step on one core.
+        layers, c_in = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.ReLU()], width
+        for c in (2 * width, 4 * width, 4 * width):  # 32 -> 16 -> 8 -> 4 px
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
                        nn.Conv2d(c, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
             c_in = c
