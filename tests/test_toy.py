@@ -87,3 +87,11 @@ def test_judge_reads_labels_it_was_given():
     got_shapes, got_colours = judge.predict(judge.Judge(), x)
     assert len(got_shapes) == 6 and set(got_colours) <= set(judge.COLOURS)
     assert shapes.max() < len(judge.SHAPES) and colours.max() < len(judge.COLOURS)
+
+
+def test_committed_judge_reads_held_out_scenes():
+    # Held-out scenes beyond the 1,000 the judge was scored on when trained.
+    x, shapes, colours = judge.labelled(range(2000, 2200), "test")
+    shape_acc, colour_acc = judge.accuracy(judge.load("weights/toy/judge.safetensors"), x,
+                                           shapes, colours)
+    assert shape_acc >= 0.95 and colour_acc >= 0.95, (shape_acc, colour_acc)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -84,8 +85,11 @@ def accuracy(judge: Judge, x, ys, cs) -> tuple[float, float]:
 
 
 def load(file: str | Path) -> Judge:
+    """A trained judge from a .safetensors file (weights/toy/judge.safetensors) or a .pt file."""
     judge = Judge()
-    judge.load_state_dict(torch.load(file, weights_only=True))
+    file = Path(file)
+    state = load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+    judge.load_state_dict(state)
     return judge.eval()
 
 
@@ -114,7 +118,10 @@ def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -
     report.update(train_scenes=count, steps=steps, seconds=round(time.time() - t0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(judge.state_dict(), tmp)
+    if out.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, tmp)
+    else:
+        torch.save(judge.state_dict(), tmp)
     tmp.replace(out)
     return report
 

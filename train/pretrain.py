@@ -229,7 +229,6 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     held = latent_data(run_dir, vae, cfg, 256, "test", progress)
     empty = token_ids([""], cfg)
     data["empty"], held["empty"] = empty, empty
-    judge = judgelib.load(run_dir / "judge.pt") if (run_dir / "judge.pt").exists() else None
     out = run_dir / folder
 
     def loss(model, g):
@@ -238,7 +237,8 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
 
     def evaluate(model, step):
         row = {"text_gain": text_gain(model, held, cfg, ac)}
-        if judge is not None and step % (4 * r["every"]) == 0:
+        if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
+            judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
             row.update(adherence(model, vae, cfg, judge, grid_file=out / f"grid-{step}.png"))
         return row
 
