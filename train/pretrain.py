@@ -159,7 +159,7 @@ class Denoiser(nn.Module):
         self.unet = UNet(cfg.unet)
 
 
-UNET_RECIPE = dict(steps=12000, lr=1e-3, batch=32, drop=0.1, snr_gamma=5.0, ema=0.999,
+UNET_RECIPE = dict(steps=8000, lr=1e-3, batch=32, drop=0.1, snr_gamma=5.0, ema=0.999,
                    warmup=500, pool=20000, weight_decay=0.01, every=250)
 
 
@@ -236,7 +236,9 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
                               r["batch"], g), g, cfg, r["drop"], r["snr_gamma"])
 
     def evaluate(model, step):
-        row = {"text_gain": text_gain(model, held, cfg, ac)}
+        # The same columns on every row of the log; NaN where the judge did not run.
+        row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
+               "colour_ok": float("nan")}
         if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
             judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
             row.update(adherence(model, vae, cfg, judge, grid_file=out / f"grid-{step}.png"))
