@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all run weights bench toy clean
+.PHONY: test test-all run weights bench toy clean swap toy-weights
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,6 +26,26 @@ run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
 
 weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights/README.md)
 	$(BIN)/python weights/fetch.py $(MODEL)
+
+# Photoswap (python -m photoswap --help): by default on the toy model, a word swap it knows.
+SWAP_WEIGHTS ?= weights/toy
+SWAP_PROMPT ?= a photo of a red circle on a blue striped background
+SUBJECT ?= circle
+CONCEPT ?= square
+SWAP_ARGS ?=
+
+toy-weights:
+	@test -e "$(SWAP_WEIGHTS)" || { \
+	  echo "make swap: no model at $(SWAP_WEIGHTS)/. Provide the toy model there (a diffusers-layout" \
+	       "folder: unet/, vae/, text_encoder/ with their config.json and safetensors; it is being" \
+	       "trained and is not shipped yet), or swap with SD 2.1: make weights, then" \
+	       "make swap SWAP_WEIGHTS=weights/sd2.1-base SWAP_PROMPT='a photo of a cat' SUBJECT=cat" \
+	       "CONCEPT='sks dog' (a DreamBooth'd folder, or add SWAP_ARGS='--embeds FILE')." >&2; \
+	  exit 1; }
+
+swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (swap.png, source.png, grid.png, settings.json)
+	$(BIN)/python -m photoswap "$(SWAP_PROMPT)" --subject $(SUBJECT) --concept "$(CONCEPT)" \
+	  --weights $(SWAP_WEIGHTS) -o out/swap --heatmap --layout $(SWAP_ARGS)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules

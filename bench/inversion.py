@@ -1,4 +1,4 @@
-"""Time one null-text inversion (train/null_text.py), end to end from a clean latent.
+"""Time one null-text inversion (train/inversion.py), end to end from a clean latent.
 
     python -m bench.inversion               # tiny preset on CPU; with CUDA also SD 2.1-base
     python -m bench.inversion --threads 1   # CPU threads (default: all cores)
@@ -19,7 +19,7 @@ import torch
 from bench.common import LOAD
 from sd.config import SD21_BASE, TINY, ModelConfig
 from sd.pipeline import Pipeline
-from train.null_text import invert
+from train.inversion import invert
 
 
 def one(cfg: ModelConfig, device: str, dtype: torch.dtype, side: int, steps: int = 50) -> float:

@@ -1,18 +1,12 @@
 """python -m sd "a prompt" ... : text-to-image with SD 2.1, and where the words landed."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from sd.config import ModelConfig, preset
-from sd.pipeline import HeatMap, Pipeline, default_device_dtype
-from sd.weights import WeightsError, detect_preset
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sd import files
+from sd.config import DTYPE_NAMES, PRESETS
 
 EPILOG = """examples:
   python -m sd "a photo of a corgi on the beach" --weights weights/sd2.1-base -o corgi.png
@@ -25,11 +19,13 @@ weights/sd2.1-base; see weights/README.md. --weights also takes an original sing
 checkpoint such as v2-1_768-ema-pruned.safetensors."""
 
 
-def parse(argv=None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # usage errors in one line, as every other error of this CLI, not after a usage block
+    p.error = lambda message: p.exit(2, f"error: {message} (see python -m sd --help)\n")
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", choices=["auto", "sd2.1-base", "sd2.1", "tiny"], default="auto",
+    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
                    help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; tiny: random "
                         "toy-size weights for trying the code (default: from the weights)")
     p.add_argument("--weights", type=Path, help="diffusers folder or single-file checkpoint "
@@ -47,79 +43,66 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--heatmap", nargs="+", metavar="WORD",
                    help="also save where these words of the prompt attended, as OUT_heatmap.png")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG to write")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="the image to "
+                   "write; its extension names the format: .png, .jpg, .webp (default: out.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for failed, message in ((args.batch < 1, f"--batch {args.batch}: give 1 or more"),
+                            (not math.isfinite(args.guidance), "--guidance: give a finite number"),
+                            (not args.eta >= 0, "--eta: give 0 (deterministic) or more")):
+        if failed:
+            p.error(message)
+    if message := files.unwritable(args.output):
+        p.error(message)
+    return args
 
 
-def save(image: Image.Image, path: Path) -> None:
-    """Write atomically: an interrupted run never leaves a truncated PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def overlay(image: Image.Image, heat: torch.Tensor) -> Image.Image:
-    """The image darkened, with the [0, 1] heat map in warm colours on top."""
-    h = np.asarray(Image.fromarray((heat.numpy() * 255).astype(np.uint8)).resize(
-        image.size, Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255
-    colour = np.concatenate([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), 0 * h], axis=-1)
-    mixed = 0.4 * np.asarray(image, dtype=np.float32) / 255 + 0.6 * colour
-    return Image.fromarray((mixed * 255).round().astype(np.uint8))
-
-
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    out = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            out.paste(im, (c * w, r * h))
-    return out
-
-
-def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None, str]:
-    """The preset, the weights path (None: random tiny weights) and why that preset.
-
-    Raises WeightsError with the exact download instructions when the weights are absent.
-    """
-    if model == "tiny":
-        return preset("tiny"), weights, "random weights" if weights is None else "--model tiny"
-    name = model if model != "auto" else "sd2.1-base"
-    weights = weights or Path("weights") / name
-    if not weights.exists():
-        raise WeightsError(
-            f"No SD 2.1 weights at {weights}.\nDownload them (about 2.6 GB) with:\n"
-            f"    make weights MODEL={name}\nor: python weights/fetch.py {name}\n"
-            "See weights/README.md for the files, the mirrors and the licence. To try the "
-            "code without weights, use --model tiny (random weights).")
-    if model == "auto":
-        model, why = detect_preset(weights)
-        return preset(model), weights, why
-    return preset(model), weights, "chosen with --model"
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # The library (and torch, over a second) loads only now: --help and usage errors are instant.
+    import torch
+
+    from sd import ddim
+    from sd.config import DTYPES
+    from sd.images import grid, image_format, overlay, save_image
+    from sd.pipeline import HeatMap, Pipeline, concept_rows, default_device_dtype, pick_device
+    from sd.tokenizer import Tokenizer
+    from sd.weights import WeightsError, read, resolve
+
     try:
         cfg, weights, why = resolve(args.model, args.weights)
-    except WeightsError as e:
+    except WeightsError as e:  # says how to download them
         print(e, file=sys.stderr)
         return 2
-    device, dtype = default_device_dtype()
-    device = torch.device(args.device) if args.device else device
-    dtype = DTYPES[args.dtype] if args.dtype else (dtype if device.type == "cuda" else torch.float32)
+    try:  # everything else that can be checked before the model loads
+        image_format(args.output)
+        for side in (args.height, args.width):
+            if side is not None and (side <= 0 or side % cfg.vae.factor):
+                raise ValueError(f"--height and --width: give multiples of {cfg.vae.factor}, "
+                                 f"such as {cfg.resolution}; got {side}")
+        ddim.timesteps(args.steps, cfg.schedule)
+        device = pick_device(args.device)
+        concepts = {k: v for file in args.concepts or [] for k, v in read(file).items()}
+        if concepts:
+            concept_rows(concepts, cfg.text.width)
+        tokenizer = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+        tokenizer.add_tokens(list(concepts))
+        spans = [len(tokenizer.word_indices(args.prompt, w)) for w in args.heatmap or []]
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else fallback
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:
         pipe = Pipeline.load(cfg, weights, device, dtype)
-        for file in args.concepts or []:
-            pipe.add_concepts(file)
+        if concepts:
+            pipe.add_concepts(concepts)
         heat = None
         if args.heatmap:
             tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]
-            spans = [len(pipe.tokenizer.word_indices(args.prompt, w)) for w in args.heatmap]
             hw = ((args.height or cfg.resolution) // cfg.vae.factor,
                   (args.width or cfg.resolution) // cfg.vae.factor)
             heat = HeatMap(tokens, hw)
@@ -131,13 +114,13 @@ def main(argv=None) -> int:
         return 1
     out = args.output
     for i, image in enumerate(images):
-        save(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
+        save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
     if heat is not None:
         maps, rows = heat.normalised(), []
         for b, image in enumerate(images):
             per_word = maps[b].split(spans)  # a word of several tokens: average its tokens
             rows.append([image] + [overlay(image, m.mean(0)) for m in per_word])
-        save(grid(rows), out.with_name(f"{out.stem}_heatmap.png"))
+        save_image(grid(rows), out.with_name(f"{out.stem}_heatmap.png"))
     print(f"wrote {out}" + (f" and {len(images) - 1} more" if len(images) > 1 else ""),
           file=sys.stderr)
     return 0

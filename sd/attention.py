@@ -8,8 +8,7 @@ computes its output with `attention()`. UNet layers additionally hand their head
 
 A control may call the fused kernel, compute the explicit map with `attention_map()` and read or
 replace it, or return any other output. With `ctrl=None` the fused kernel runs and nothing else
-happens (training, torch.compile). The sampler sets `ctrl.step` and `ctrl.t` before every UNet
-call, so a control never has to count calls to know where it is.
+happens (training, torch.compile).
 """
 
 import math
@@ -61,17 +60,23 @@ class Site:
     place: str  # "down", "mid" or "up"
     level: int
 
+    def shape(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the queries: each downsampler maps a side n to ceil(n / 2)."""
+        return tuple(-(-n // 2**self.level) for n in latent_hw)
+
 
 class Control:
     """Base control: plain fused attention. Subclass and override `__call__` to edit attention.
 
-    `step` (index into the sampling schedule, 0 first) and `t` (the diffusion timestep) are set by
-    the sampler before each UNet call. `prompts` is the number of prompts in the batch; under
-    classifier-free guidance the pipeline lays the batch out as [uncond x prompts, cond x prompts].
+    `step` (index into the sampling schedule, 0 first), `steps` and `t` (the diffusion timestep)
+    are set by the sampler before each UNet call, so a control never counts calls to know where it
+    is. `prompts` is the number of prompts; under classifier-free guidance the pipeline lays the
+    batch out as [uncond x prompts, cond x prompts] (`sd.pipeline.rows` picks rows from it).
     """
 
     def __init__(self) -> None:
         self.step = 0
+        self.steps = 0
         self.t = 0
         self.prompts = 1
 
@@ -118,7 +123,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # .0 in the checkpoint; .1 was dropout
         self.site: Site | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, ctrl=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                ctrl: Control | None = None) -> torch.Tensor:
         context = x if context is None else context
         split = "b n (h d) -> b h n d"
         q = rearrange(self.to_q(x), split, h=self.heads)

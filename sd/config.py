@@ -140,3 +140,14 @@ def preset(name: str, prediction: str | None = None) -> ModelConfig:
     if prediction is not None:
         cfg = replace(cfg, schedule=replace(cfg.schedule, prediction=prediction))
     return cfg
+
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # DTYPES' keys: the CLIs list them before torch loads
+
+
+def __getattr__(name: str):  # DTYPES, built on first use (PEP 562): torch takes a second to load
+    if name != "DTYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    return dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))

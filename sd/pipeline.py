@@ -7,16 +7,17 @@ conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_unco
 (Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.attention import Control, attention, attention_map, apply_map
+from sd.attention import Control, apply_map, attention, attention_map
 from sd.config import ModelConfig
+from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
 from sd.weights import Models, build, load, read
 
@@ -26,6 +27,41 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
+
+
+def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
+         groups: int = 1) -> list[int]:
+    """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
+    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
+    size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half
+    starts = {"uncond": [0] if cond else [], "cond": [cond], "both": sorted({0, cond})}[half]
+    return [s + group * size + i for s in starts for i in range(size)]
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: None gives cuda if present; an unusable name is a ValueError saying why."""
+    here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(name) if name else default_device_dtype()[0]
+    except RuntimeError:  # a type PyTorch does not know, such as "gpu"
+        device = torch.device("meta")
+    if (device.index or 0) >= here.get(device.type, 0):
+        have = " or ".join(t for t, n in here.items() if n)
+        raise ValueError(f"--device {name}: this machine has no such device; use {have}")
+    return device
+
+
+def concept_rows(vectors: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Learned tokens' vectors as rows [n, width]; a ValueError for a wrong width or NaN."""
+    for token, v in vectors.items():  # diffusers' files hold [1, width] per token
+        found = v.shape[-1] if v.dim() else 1
+        if found != width or v.numel() != width:
+            sd1 = " (an SD 1.x embedding: SD 1.x is 768 wide)" if found == 768 else ""
+            raise ValueError(f"learned token {token!r} is {list(v.shape)}{sd1}; this model takes "
+                             f"one vector of {width}: use one trained for this model")
+        if not v.isfinite().all():
+            raise ValueError(f"learned token {token!r} holds NaN or infinite values: retrain it")
+    return torch.cat([v.reshape(1, width) for v in vectors.values()])
 
 
 class Pipeline:
@@ -47,15 +83,10 @@ class Pipeline:
     def add_concepts(self, file_or_vectors: "str | Path | dict[str, torch.Tensor]") -> list[int]:
         """Teach the tokenizer and text encoder learned tokens (a textual inversion file)."""
         vectors = file_or_vectors
-        if not isinstance(vectors, dict):
-            vectors = read(file_or_vectors)
-        width = self.cfg.text.width  # files from diffusers' script hold [1, width] per token
-        rows = torch.cat([v.reshape(-1, width) for v in vectors.values()])
-        if len(rows) != len(vectors):
-            raise ValueError("one vector per learned token is supported, got "
-                             f"{len(rows)} vectors for {len(vectors)} tokens")
+        vectors = vectors if isinstance(vectors, dict) else read(vectors)
+        learned = concept_rows(vectors, self.cfg.text.width)
         ids = self.tokenizer.add_tokens(list(vectors))
-        self.models.text_encoder.add_tokens(rows)
+        self.models.text_encoder.add_tokens(learned)
         return ids
 
     @property
@@ -92,19 +123,23 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, cond: torch.Tensor, uncond, steps: int = 50,
                guidance: float = 7.5, ctrl: Control | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Run DDIM from x_T. `uncond` is one context, or a list with one per step (null-text)."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
+        """Run DDIM from x_T. `uncond`: one context, or one per step (null-text); one row serves
+        all prompts. `callback(step, t, x)` returns the latents to go on from (as k-diffusion)."""
         if ctrl is not None:
-            ctrl.prompts = x.shape[0]
+            ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)
         pred = self.cfg.schedule.prediction
         for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="sampling")):
             if ctrl is not None:
                 ctrl.step, ctrl.t = i, t
             u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-            out = self.guided(x, t, cond, u, guidance, ctrl)
+            out = self.guided(x, t, cond, u.expand(len(cond), -1, -1), guidance, ctrl)
             t_prev = ddim.previous(t, steps, self.cfg.schedule)
             x = ddim.step(out, x, t, t_prev, self.ac, pred, eta, generator).to(x.dtype)
+            if callback is not None:
+                x = callback(i, t, x)
         return x
 
     def __call__(self, prompts: str | list[str], negative: str | list[str] = "", steps: int = 50,
@@ -112,7 +147,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, height: int | None = None,
                  width: int | None = None, ctrl: Control | None = None, eta: float = 0.0,
                  uncond: torch.Tensor | list[torch.Tensor] | None = None, output: str = "pil",
-                 progress: bool = False):
+                 progress: bool = False, callback=None):
         """Text-to-image: PIL images (output="pil") or final latents (output="latent").
 
         `uncond` replaces the negative prompt's context: one tensor, or one per step (null-text
@@ -130,7 +165,7 @@ class Pipeline:
         if uncond is None:
             uncond = self.encode_prompt(negative).to(self.dtype)
         x = self.sample(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, ctrl,
-                        eta, g, progress)
+                        eta, g, progress, callback)
         return x if output == "latent" else to_pil(self.decode(x))
 
     @torch.no_grad()
@@ -147,27 +182,6 @@ class Pipeline:
         posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
         z = posterior.mean if generator is None else posterior.sample(generator)
         return z * self.cfg.vae.scaling
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
-
-
-def load_image(image: "Image.Image | str | Path", height: int, width: int) -> torch.Tensor:
-    """Open, apply EXIF orientation, convert to RGB, resize to cover and centre-crop: [1,3,H,W]."""
-    if height % 64 or width % 64:
-        raise ValueError(f"image size must be a multiple of 64, got {height}x{width}")
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{image}: cannot be read as an image ({e})") from e
-    image = ImageOps.exif_transpose(image).convert("RGB")  # palette, RGBA, CMYK, L, I;16 ...
-    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 class HeatMap(Control):
@@ -187,10 +201,7 @@ class HeatMap(Control):
             return attention(q, k, v)
         attn = attention_map(q, k)  # [B, heads, h*w, 77]
         cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
-        w = self.hw[1]
-        for _ in range(site.level):  # each UNet downsampler maps a side n to ceil(n / 2)
-            w = (w + 1) // 2
-        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), -1, w)
+        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
         maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bilinear")
         self.total = maps if self.total is None else self.total + maps
         return apply_map(attn, v)

@@ -8,6 +8,7 @@ up-block resnet inputs (layers_per_block + 1 resnets per up block).
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sd.attention import Attention, Site
+from sd.attention import Attention, Control, Site
+from sd.blocks import Downsample, GroupNorm, ResBlock, Upsample
 from sd.config import UNetConfig
-
-
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype (as LDM's GroupNorm32): fp16 variance
-    over 64x64x40 values loses precision."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -36,54 +28,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     k = torch.arange(half, dtype=torch.float32, device=t.device)
     angles = t.float()[:, None] * torch.exp(-math.log(10000) * k / half)[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-class ResBlock(nn.Module):
-    """ResnetBlock2D: GroupNorm-SiLU-conv twice, the time embedding added in between."""
-
-    def __init__(self, c_in: int, c_out: int, groups: int, emb_dim: int | None, eps: float):
-        super().__init__()
-        self.norm1 = GroupNorm(groups, c_in, eps=eps)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        if emb_dim is not None:
-            self.time_emb_proj = nn.Linear(emb_dim, c_out)
-        self.norm2 = GroupNorm(groups, c_out, eps=eps)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        if c_in != c_out:
-            self.conv_shortcut = nn.Conv2d(c_in, c_out, 1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if emb is not None:
-            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
-        return skip + h
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv. The VAE pads (0, 1, 0, 1) asymmetrically; the UNet pads 1 all round."""
-
-    def __init__(self, channels: int, asymmetric: bool = False):
-        super().__init__()
-        self.asymmetric = asymmetric
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour resize (to `size` if given, else 2x) then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            size = (x.shape[-2] * 2, x.shape[-1] * 2)
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class GEGLU(nn.Module):
@@ -98,18 +42,6 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # net.1 is a parameterless dropout in the checkpoint's module list; keep the indices.
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class TransformerBlock(nn.Module):
     """BasicTransformerBlock: pre-LN self-attention, cross-attention to the text, GEGLU MLP."""
 
@@ -120,12 +52,15 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        # net.1 is a parameterless dropout in the checkpoint's module list; keep the indices.
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                ctrl: Control | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), ctrl=ctrl)
         x = x + self.attn2(self.norm2(x), context, ctrl=ctrl)
-        return x + self.ff(self.norm3(x))
+        return x + self.ff.net(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -138,7 +73,8 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim)])
         self.proj_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                ctrl: Control | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         for block in self.transformer_blocks:
@@ -147,33 +83,21 @@ class SpatialTransformer(nn.Module):
 
 
 class Block(nn.Module):
-    """A down, mid or up block: resnets, each optionally followed by a spatial transformer."""
+    """A down, mid or up block: resnets, each optionally followed by a spatial transformer (the
+    mid block: two resnets, one transformer between them). UNet.layer runs one of each."""
 
     def __init__(self, resnets: list[ResBlock], attentions: list[SpatialTransformer] | None):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         if attentions:
             self.attentions = nn.ModuleList(attentions)
-        self.checkpointing = False
-
-    def layer(self, i: int, x, emb, context, ctrl):
-        """Resnet i, then attention i if the block has attention (checkpointed when training)."""
-        run = self._layer
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(run, i, x, emb, context, ctrl, use_reentrant=False)
-        return run(i, x, emb, context, ctrl)
-
-    def _layer(self, i, x, emb, context, ctrl):
-        x = self.resnets[i](x, emb)
-        if hasattr(self, "attentions"):
-            x = self.attentions[i](x, context, ctrl)
-        return x
 
 
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.checkpointing = False
         ch, n, groups = cfg.channels, len(cfg.channels), cfg.groups
         emb_dim = 4 * ch[0]
 
@@ -213,9 +137,7 @@ class UNet(nn.Module):
         for i, c in enumerate(reversed(ch)):
             level = n - 1 - i
             count = cfg.layers_per_block + 1
-            resnets = []
-            for j in range(count):
-                resnets.append(res((c_prev if j == 0 else c) + skips.pop(), c))
+            resnets = [res((c_prev if j == 0 else c) + skips.pop(), c) for j in range(count)]
             block = Block(resnets, attn(level, c, count))
             if level > 0:
                 block.upsamplers = nn.ModuleList([Upsample(c)])
@@ -241,33 +163,43 @@ class UNet(nn.Module):
         return [m.site for m in self.modules() if isinstance(m, Attention)]
 
     def set_checkpointing(self, on: bool = True) -> None:
-        """Recompute block activations in the backward pass (saves memory when training)."""
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            block.checkpointing = on
+        """Recompute each layer's activations in the backward pass (saves memory when training)."""
+        self.checkpointing = on
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor, ctrl=None) -> torch.Tensor:
+    def layer(self, block: Block, i: int, x: torch.Tensor, emb: torch.Tensor,
+              context: torch.Tensor, ctrl: Control | None) -> torch.Tensor:
+        """Resnet i of a block, then its transformer i if it has one: where `ctrl` goes in."""
+        x = block.resnets[i](x, emb)
+        if hasattr(block, "attentions") and i < len(block.attentions):
+            x = block.attentions[i](x, context, ctrl)
+        return x
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor,
+                ctrl: Control | None = None) -> torch.Tensor:
         """Predict noise (or v) for latents x [B, 4, h, w] at timestep(s) t given text context."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)
         emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb)))
+        layer = self.layer
+        if self.checkpointing and torch.is_grad_enabled():
+            layer = partial(checkpoint, self.layer, use_reentrant=False)
 
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, x, emb, context, ctrl)
+                x = layer(block, i, x, emb, context, ctrl)
                 skips.append(x)
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
                 skips.append(x)
 
-        x = self.mid_block.resnets[0](x, emb)
-        x = self.mid_block.attentions[0](x, context, ctrl)
-        x = self.mid_block.resnets[1](x, emb)
+        for i in range(len(self.mid_block.resnets)):  # resnet, transformer, resnet
+            x = layer(self.mid_block, i, x, emb, context, ctrl)
 
         for block in self.up_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), emb, context, ctrl)
+                x = layer(block, i, torch.cat([x, skips.pop()], dim=1), emb, context, ctrl)
             if hasattr(block, "upsamplers"):
                 # Upsample to the next skip's size, so latents of odd sides still line up.
                 x = block.upsamplers[0](x, size=skips[-1].shape[-2:])

@@ -12,8 +12,8 @@ from einops import rearrange
 from torch import nn
 
 from sd.attention import Attention
+from sd.blocks import Downsample, GroupNorm, ResBlock, Upsample
 from sd.config import VAEConfig
-from sd.unet import Downsample, GroupNorm, ResBlock, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (LDM's Normalize)
 
@@ -31,23 +31,25 @@ class MidAttention(Attention):
         return x + rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
 
 
-class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int):
+class Stage(nn.Module):
+    """A level (resnets, then a downsampler or upsampler but on the last) or the mid block
+    (resnet, attention, resnet)."""
+
+    def __init__(self, c_in: int, c_out: int, count: int, groups: int, attention: bool = False):
         super().__init__()
-        self.resnets = nn.ModuleList([ResBlock(channels, channels, groups, None, EPS)
-                                      for _ in range(2)])
-        self.attentions = nn.ModuleList([MidAttention(channels, groups)])
+        self.resnets = nn.ModuleList(
+            [ResBlock(c_in if j == 0 else c_out, c_out, groups, None, EPS) for j in range(count)])
+        if attention:
+            self.attentions = nn.ModuleList([MidAttention(c_out, groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-def _stage(c_in: int, c_out: int, count: int, groups: int) -> nn.Module:
-    stage = nn.Module()
-    stage.resnets = nn.ModuleList(
-        [ResBlock(c_in if j == 0 else c_out, c_out, groups, None, EPS) for j in range(count)]
-    )
-    return stage
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if i == 0 and hasattr(self, "attentions"):
+                x = self.attentions[0](x)
+        for resample in getattr(self, "downsamplers", []) or getattr(self, "upsamplers", []):
+            x = resample(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -57,21 +59,18 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.image_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         for i, c in enumerate(ch):
-            stage = _stage(ch[max(i - 1, 0)], c, cfg.layers_per_block, cfg.groups)
+            stage = Stage(ch[max(i - 1, 0)], c, cfg.layers_per_block, cfg.groups)
             if i < len(ch) - 1:
                 stage.downsamplers = nn.ModuleList([Downsample(c, asymmetric=True)])
             self.down_blocks.append(stage)
-        self.mid_block = MidBlock(ch[-1], cfg.groups)
+        self.mid_block = Stage(ch[-1], ch[-1], 2, cfg.groups, attention=True)
         self.conv_norm_out = GroupNorm(cfg.groups, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean, logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for stage in self.down_blocks:
-            for resnet in stage.resnets:
-                x = resnet(x)
-            if hasattr(stage, "downsamplers"):
-                x = stage.downsamplers[0](x)
+            x = stage(x)
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
@@ -81,10 +80,10 @@ class Decoder(nn.Module):
         super().__init__()
         ch = tuple(reversed(cfg.channels))
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], cfg.groups)
+        self.mid_block = Stage(ch[0], ch[0], 2, cfg.groups, attention=True)
         self.up_blocks = nn.ModuleList()
         for i, c in enumerate(ch):
-            stage = _stage(ch[max(i - 1, 0)], c, cfg.layers_per_block + 1, cfg.groups)
+            stage = Stage(ch[max(i - 1, 0)], c, cfg.layers_per_block + 1, cfg.groups)
             if i < len(ch) - 1:
                 stage.upsamplers = nn.ModuleList([Upsample(c)])
             self.up_blocks.append(stage)
@@ -94,10 +93,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
         for stage in self.up_blocks:
-            for resnet in stage.resnets:
-                x = resnet(x)
-            if hasattr(stage, "upsamplers"):
-                x = stage.upsamplers[0](x)
+            x = stage(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 

@@ -6,13 +6,11 @@ for older files, handled in `_tidy`: a `text_model.` prefix on text keys, a stra
 `text_model.embeddings.position_ids` buffer, and the VAE mid-block attention saved as
 query/key/value/proj_attn with [C, C, 1, 1] conv shapes.
 
-Layout B, one original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}) holding
-`model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and `cond_stage_model.model.` (the
-full 24-block OpenCLIP text tower); `_from_ldm` renames it as diffusers' converters do.
+Layout B, one original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}), is renamed
+to layout A by sd/ldm.py. Then both take the same path: read, tidy, check, strict load.
 """
 
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -24,14 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sd.clip import TextEncoder
-from sd.config import ModelConfig
+from sd.config import PRESETS, ModelConfig, preset
+from sd.files import atomic_write
 from sd.unet import UNet
 from sd.vae import VAE
 
 FILES = {"unet": "unet/diffusion_pytorch_model", "vae": "vae/diffusion_pytorch_model",
          "text_encoder": "text_encoder/model"}
-LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                "text_encoder": "cond_stage_model.model."}
 
 
 class WeightsError(ValueError):
@@ -49,16 +46,24 @@ def read(file: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors or .ckpt file (the latter unpickled with weights_only)."""
     file = Path(file)
     if not file.is_file():
-        raise WeightsError(f"{file}: no such file. Fetch the weights with `make weights` "
-                           "(see weights/README.md).")
+        raise WeightsError(f"{file}: {'a folder, not a file' if file.is_dir() else 'no such file'}")
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
         sd = torch.load(file, map_location="cpu", weights_only=True)
-        return sd.get("state_dict", sd)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except SafetensorError as e:
         raise WeightsError(f"{file}: cannot be read ({e}). The file is probably incomplete or "
                            "corrupt: delete it and download it again (`make weights`).") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch's text would
+        # advise weights_only=False, i.e. running whatever code the file holds: never say that
+        raise WeightsError(f"{file}: cannot be read: not a checkpoint, or a truncated one, or one "
+                           "holding objects besides tensors (never unpickled: they could run "
+                           "code). Delete it and download it again.") from e
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise WeightsError(f"{file}: not a weights file (it holds a {type(sd).__name__}, not "
+                           "tensors by name)")
+    return sd
 
 
 def _component(path: Path, name: str, prefer_fp16: bool) -> Path:
@@ -92,129 +97,15 @@ def _tidy(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _resnet(rest: str) -> str:
-    for old, new in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-                     ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"),
-                     ("skip_connection", "conv_shortcut"), ("nin_shortcut", "conv_shortcut")):
-        rest = rest.replace(old, new)
-    return rest
-
-
-def _unet_key(k: str, layers: int) -> str:
-    """One LDM UNet key -> its diffusers name (layers: resnets per down block)."""
-    fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-    for old, new in fixed.items():
-        if k.startswith(old + "."):
-            return new + k[len(old):]
-    if m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", k):
-        i, sub, rest = int(m[1]) - 1, int(m[2]), m[3]
-        b, j = divmod(i, layers + 1)
-        if j == layers:  # the slot after a block's resnets holds its downsampler
-            return f"down_blocks.{b}.downsamplers.0.conv.{rest.removeprefix('op.')}"
-        kind = "resnets" if sub == 0 else "attentions"
-        return f"down_blocks.{b}.{kind}.{j}.{_resnet(rest) if sub == 0 else rest}"
-    if m := re.match(r"middle_block\.(\d)\.(.*)", k):
-        sub, rest = int(m[1]), m[2]
-        if sub == 1:
-            return f"mid_block.attentions.0.{rest}"
-        return f"mid_block.resnets.{sub // 2}.{_resnet(rest)}"
-    if m := re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", k):
-        b, j = divmod(int(m[1]), layers + 1)
-        sub, rest = int(m[2]), m[3]
-        if re.fullmatch(r"conv\.(weight|bias)", rest):
-            return f"up_blocks.{b}.upsamplers.0.{rest}"
-        kind = "resnets" if sub == 0 else "attentions"
-        return f"up_blocks.{b}.{kind}.{j}.{_resnet(rest) if sub == 0 else rest}"
-    raise WeightsError(f"unexpected UNet key {k!r} in the checkpoint")
-
-
-def _vae_key(k: str, levels: int) -> str:
-    k = re.sub(r"encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
-    k = re.sub(r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
-    # LDM numbers decoder levels from the lowest resolution up; diffusers from the top down.
-    k = re.sub(r"decoder\.up\.(\d+)\.block\.",
-               lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", k)
-    k = re.sub(r"decoder\.up\.(\d+)\.upsample\.",
-               lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", k)
-    k = re.sub(r"mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}.", k)
-    for old, new in (("mid.attn_1.norm.", "mid_block.attentions.0.group_norm."),
-                     ("mid.attn_1.q.", "mid_block.attentions.0.to_q."),
-                     ("mid.attn_1.k.", "mid_block.attentions.0.to_k."),
-                     ("mid.attn_1.v.", "mid_block.attentions.0.to_v."),
-                     ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0."),
-                     ("norm_out.", "conv_norm_out.")):
-        k = k.replace(old, new)
-    return _resnet(k)
-
-
-def _text(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """OpenCLIP text tower -> CLIPTextModel names, keeping the first `layers` blocks."""
-    out = {"embeddings.token_embedding.weight": sd.pop("token_embedding.weight"),
-           "embeddings.position_embedding.weight": sd.pop("positional_embedding")}
-    for k, v in sd.items():
-        if k in ("text_projection", "logit_scale"):  # the contrastive head, unused by SD
-            continue
-        if k.startswith("ln_final."):
-            out["final_layer_norm." + k.split(".")[-1]] = v
-            continue
-        m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", k)
-        if not m:
-            raise WeightsError(f"unexpected text encoder key {k!r} in the checkpoint")
-        n, rest = int(m[1]), m[2]
-        if n >= layers:  # SD 2.x uses the penultimate block's output: block 23 is never run
-            continue
-        p = f"encoder.layers.{n}."
-        if rest.startswith("attn.in_proj_"):  # q, k and v stacked in that order
-            kind = rest.split("_")[-1]
-            for name, part in zip(("q", "k", "v"), v.chunk(3, dim=0)):
-                out[f"{p}self_attn.{name}_proj.{kind}"] = part
-            continue
-        for old, new in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                         ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
-            rest = rest.replace(old, new)
-        out[p + rest] = v
-    return out
-
-
-def _from_ldm(sd: dict[str, torch.Tensor], cfg: ModelConfig, file: Path) -> dict[str, dict]:
-    """Split an original single-file checkpoint into diffusers-named state dicts."""
-    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
-        raise WeightsError(f"{file}: this is an SD 1.x checkpoint (CLIP ViT-L text encoder, "
-                           "cross-attention width 768). This project runs SD 2.1 (OpenCLIP "
-                           "ViT-H, width 1024): use v2-1_512-ema-pruned or v2-1_768-ema-pruned.")
-    # Anything outside the three prefixes is the training schedule (betas, alphas_cumprod, ...)
-    # or EMA bookkeeping: recomputed or unused here.
-    parts = {name: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-             for name, p in LDM_PREFIXES.items()}
-    if not all(parts.values()):
-        missing = [LDM_PREFIXES[n] for n, p in parts.items() if not p]
-        raise WeightsError(f"{file}: not an SD 2.1 single-file checkpoint: no keys under "
-                           f"{', '.join(missing)}. Pass a diffusers folder or an original "
-                           "v2-1_*-ema-pruned checkpoint.")
-    layers = cfg.unet.layers_per_block
-    levels = len(cfg.vae.channels)
-    return {"unet": {_unet_key(k, layers): v for k, v in parts["unet"].items()},
-            "vae": _tidy("vae", {_vae_key(k, levels): v for k, v in parts["vae"].items()}),
-            "text_encoder": _text(parts["text_encoder"], cfg.text.layers)}
-
-
-def _guess(keys) -> str | None:
-    """Which component a set of diffusers-named keys belongs to, for error messages."""
-    for name, probe in (("unet", "time_embedding.linear_1.weight"),
-                        ("vae", "encoder.conv_in.weight"),
-                        ("text_encoder", "embeddings.token_embedding.weight")):
-        if probe in keys:
-            return name
-    return None
-
-
 def check(module: nn.Module, sd: dict[str, torch.Tensor], name: str, source) -> None:
     """Raise a WeightsError naming every missing, unexpected or mis-shaped key."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    if _guess(sd) not in (None, name):
-        raise WeightsError(f"{source}: holds {_guess(sd)} weights where {name} weights were "
-                           "expected; check which file went where.")
+    probes = {"unet": "time_embedding.linear_1.weight", "vae": "encoder.conv_in.weight",
+              "text_encoder": "embeddings.token_embedding.weight"}
+    for other, probe in probes.items():  # a whole file in the wrong place: say so plainly
+        if other != name and probe in sd:
+            raise WeightsError(f"{source}: holds {other} weights where {name} weights were "
+                               "expected; check which file went where.")
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     shapes = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
@@ -244,7 +135,9 @@ def state_dicts(path: str | Path, cfg: ModelConfig, prefer_fp16: bool = False) -
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder. Fetch the weights with "
                            "`make weights` (see weights/README.md).")
-    return _from_ldm(read(path), cfg, path)
+    from sd import ldm  # imported here: sd/ldm.py imports WeightsError from this module
+
+    return {n: _tidy(n, sd) for n, sd in ldm.convert(read(path), cfg, path).items()}
 
 
 def build(cfg: ModelConfig, device="cpu", dtype=torch.float32, sds: dict | None = None,
@@ -268,14 +161,6 @@ def load(path: str | Path, cfg: ModelConfig, device="cpu", dtype=torch.float32) 
     """Load SD 2.1 weights from a diffusers folder or an original single-file checkpoint."""
     sds = state_dicts(path, cfg, prefer_fp16=dtype == torch.float16)
     return build(cfg, device, dtype, sds, source=path)
-
-
-def _atomic(write, file: Path) -> None:
-    """Write to a temporary file beside `file`, then rename: a crash never leaves half a file."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, file)
 
 
 def diffusers_config(cfg: ModelConfig, name: str) -> dict:
@@ -316,9 +201,10 @@ def save(folder: str | Path, cfg: ModelConfig, fp16: bool = False, **modules: nn
         if name == "text_encoder":  # as transformers writes CLIPTextModel files
             sd = {"text_model." + k: v for k, v in sd.items()}
         file = folder / f"{FILES[name]}{'.fp16' if fp16 else ''}.safetensors"
-        _atomic(lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}), file)
-        text = json.dumps(diffusers_config(cfg, name), indent=2)
-        _atomic(lambda tmp: tmp.write_text(text), file.parent / "config.json")
+        with atomic_write(file) as tmp:
+            save_file(sd, tmp, metadata={"format": "pt"})
+        with atomic_write(file.parent / "config.json") as tmp:
+            tmp.write_text(json.dumps(diffusers_config(cfg, name), indent=2))
 
 
 def detect_preset(path: str | Path) -> tuple[str, str]:
@@ -331,7 +217,7 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
     marker = path / "MODEL"
     if marker.is_file():
         fields = dict(line.split("=", 1) for line in marker.read_text().split() if "=" in line)
-        if fields.get("preset") in ("sd2.1", "sd2.1-base", "tiny"):
+        if fields.get("preset") in PRESETS:
             return fields["preset"], f"{marker} says so"
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
@@ -344,3 +230,22 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
         return "sd2.1-base", f"the name {path.name!r} contains 512 or base"
     return "sd2.1-base", ("assumed: nothing in the weights says epsilon or v; pass --model sd2.1 "
                           "for the 768 px v-prediction model")
+
+
+def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None, str]:
+    """The preset, the weights path (default weights/<preset>; tiny: None, random weights) and
+    why that preset; "auto" asks detect_preset. A WeightsError says how to download absent ones."""
+    if model == "tiny" and weights is None:
+        return preset("tiny"), None, "random weights"
+    name = model if model != "auto" else "sd2.1-base"
+    weights = weights or Path("weights") / name
+    if not weights.exists():
+        raise WeightsError(
+            f"No SD 2.1 weights at {weights}.\nDownload them (about 2.6 GB) with:\n"
+            f"    make weights MODEL={name}\nor: python weights/fetch.py {name}\n"
+            "See weights/README.md for the files, the mirrors and the licence. To try the "
+            "code without weights, use --model tiny (random weights).")
+    if model == "auto":
+        model, why = detect_preset(weights)
+        return preset(model), weights, why
+    return preset(model), weights, f"chosen with --model {model}"

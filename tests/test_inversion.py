@@ -31,7 +31,8 @@ from sd import ddim
 from sd.config import TINY
 from sd.pipeline import Pipeline
 from sd.weights import Models
-from train import null_text as nt
+from train import inversion as nt
+from train import null_text
 
 ROOT = Path(__file__).parent.parent
 STEPS = 20  # at 10, v reaches 9x: the inverse step errs 4x more (test_guidance_one_reconstructs)
@@ -225,16 +226,16 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert nt.main([str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
+    assert null_text.main([str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
     assert "missing.jpg: no such file" in capsys.readouterr().err
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    assert nt.main([str(tmp_path / "bad.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
+    assert null_text.main([str(tmp_path / "bad.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
     assert "cannot be read as an image" in capsys.readouterr().err
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
-    assert nt.main([str(tmp_path / "ok.png"), "--prompt", "x", "--model", "tiny",
+    assert null_text.main([str(tmp_path / "ok.png"), "--prompt", "x", "--model", "tiny",
                     "--width", "100"]) == 1
     assert "multiple of 64" in capsys.readouterr().err
-    assert nt.main([str(tmp_path / "ok.png"), "--prompt", "x", "--weights",
+    assert null_text.main([str(tmp_path / "ok.png"), "--prompt", "x", "--weights",
                     str(tmp_path / "nowhere")]) == 2
     assert "make weights MODEL=sd2.1-base" in capsys.readouterr().err
     r = run_cli(str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny")

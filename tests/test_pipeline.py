@@ -11,7 +11,8 @@ from PIL import Image
 from sd import ddim
 from sd.attention import Control
 from sd.config import TINY
-from sd.pipeline import HeatMap, Pipeline, load_image
+from sd.images import load_image
+from sd.pipeline import HeatMap, Pipeline
 
 PROMPTS = ["a photo of a red circle on a blue striped background", "an astronaut, riding a horse"]
 NEGATIVE = "blurry, low quality"

@@ -1,77 +1,28 @@
-"""Tokenizer parity with OpenAI's simple_tokenizer.py and with transformers' CLIPTokenizer.
+"""Tokenizer parity with OpenCLIP, OpenAI's simple_tokenizer.py and transformers' CLIPTokenizer.
 
-Two oracles, both built here from the vendored vocabulary file: a transcription of OpenAI's
-simple_tokenizer.py (what OpenCLIP, and so SD 2.x training, used) and transformers'
-CLIPTokenizer configured as SD 2.x ships it (pad_token "!"), which diffusers' pipelines load.
+Three oracles: OpenCLIP's own ids for a corpus of pasted and typed prompts, made once with
+open_clip and ftfy (tests/data/openclip_ids.json, by tests/data/make_openclip_ids.py); a
+transcription of OpenAI's simple_tokenizer.py as OpenCLIP copies it (what SD 2.x training used),
+built here from the vendored vocabulary file, for random prompts that ftfy leaves alone; and
+transformers' CLIPTokenizer configured as SD 2.x ships it (pad_token "!"), which diffusers'
+pipelines load.
 """
 
 import html
+import json
 import random
-import unicodedata
 import warnings
 
 import pytest
-import regex
 import torch
 
-from conftest import openai_bytes_to_unicode, openai_vocab
+from conftest import DATA, openai_vocab
+from openai_tokenizer import FTFY_CHANGES, OpenAITokenizer
 
-from sd.tokenizer import Tokenizer
+from sd.tokenizer import Tokenizer, fix_text
 
 MAX_LEN = 77
 BOS, EOS = 49406, 49407
-
-
-class OpenAITokenizer:
-    """OpenAI's simple_tokenizer.py (github.com/openai/CLIP, MIT) without ftfy: NFC in its place."""
-
-    def __init__(self):
-        self.encoder, merges = openai_vocab()
-        self.byte_encoder = openai_bytes_to_unicode()
-        self.bpe_ranks = dict(zip(merges, range(len(merges))))
-        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.pat = regex.compile(
-            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-            r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-            regex.IGNORECASE,
-        )
-
-    def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            pairs = set(zip(word, word[1:]))
-            first, second = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if (first, second) not in self.bpe_ranks:
-                break
-            new, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    new.append(first + second)
-                    i += 2
-                else:
-                    new.append(word[i])
-                    i += 1
-            word = tuple(new)
-        self.cache[token] = " ".join(word)
-        return self.cache[token]
-
-    def encode(self, text: str) -> list[int]:
-        text = unicodedata.normalize("NFC", text)  # the last step of ftfy.fix_text
-        text = html.unescape(html.unescape(text)).strip()  # basic_clean
-        text = regex.sub(r"\s+", " ", text).strip().lower()  # whitespace_clean, lower
-        ids = []
-        for token in regex.findall(self.pat, text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
-        return ids
-
-    def row(self, text: str) -> list[int]:
-        """open_clip.tokenize: SOT, ids, EOT, zero padding; too long -> cut, EOT forced last."""
-        ids = ([BOS] + self.encode(text) + [EOS])[:MAX_LEN]
-        ids[-1] = EOS
-        return ids + [0] * (MAX_LEN - len(ids))
 
 
 HANDWRITTEN = [
@@ -116,6 +67,18 @@ def generated(n: int, seed: int, extra: list[str]) -> list[str]:
 
 PLAIN = HANDWRITTEN + generated(100, 0, [])  # no "!", no HTML entity, no capital sigma
 EVERYTHING = PLAIN + EXCLAIM + EXCLAIM_RUNS + HTML + generated(40, 1, ["!", "&amp;", "&quot;"])
+# Those that the OpenAI transcription and transformers can judge: ftfy leaves them alone, and no
+# literal "<|endoftext|>", which transformers takes for its special token.
+UNFIXED = [p for p in EVERYTHING if not FTFY_CHANGES.search(p)]
+PLAIN_UNFIXED = [p for p in PLAIN if p in UNFIXED and "<|" not in p]
+
+OPENCLIP = json.loads((DATA / "openclip_ids.json").read_text())
+CASES = {c["prompt"]: c for c in OPENCLIP["cases"]}
+# OpenCLIP matches its own names for ids 49406/49407 in text; we BPE them as text, as OpenCLIP
+# does with the same words spaced out (the corpus has both).
+OPENCLIP_NAMES = {"<start_of_text>x": "< start_of_text > x", "<END_OF_TEXT>": "< end_of_text >",
+                  "a <start_of_text> b <end_of_text> c": "a < start_of_text > b < end_of_text > c"}
+MOJIBAKE = ["cafÃ©", "Ã  la mode", "donâ€™t stop", "â€œquotedâ€\x9d"]  # fix_encoding's: not ours
 
 
 @pytest.fixture(scope="module")
@@ -164,32 +127,94 @@ def test_special_ids_and_padding(tok, hf):
     assert out.dtype == torch.long and out.shape == (1, MAX_LEN)
     assert out[0].tolist() == [BOS, EOS] + [0] * (MAX_LEN - 2) == hf_rows(hf, [""])[0]
     assert tok(["a", "b c"]).shape == (2, MAX_LEN)
-    assert tok.encode("<|startoftext|><|endoftext|>") == [BOS, EOS]
 
 
 def test_prompt_sets_are_large_and_varied(openai):
     assert len(PLAIN) >= 150 and len(EVERYTHING) >= 200
+    assert len(UNFIXED) >= 150 and len(PLAIN_UNFIXED) >= 100
     assert not any("!" in p or ("&" in p and ";" in p) or "Σ" in p for p in PLAIN)
-    assert sum(len(openai.encode(p)) > MAX_LEN - 2 for p in PLAIN) >= 10  # truncated ones
+    assert sum(len(openai.encode(p)) > MAX_LEN - 2 for p in PLAIN_UNFIXED) >= 10  # truncated ones
+    categories = {c["category"] for c in OPENCLIP["cases"]}
+    assert len(OPENCLIP["cases"]) >= 140 and len(CASES) == len(OPENCLIP["cases"])
+    assert {"curly_quotes", "full_width", "ligatures", "special_tokens", "html", "accents",
+            "emoji", "whitespace_and_control", "long", "ordinary"} <= categories
+    assert sum(len(c["encode"]) > MAX_LEN - 2 for c in OPENCLIP["cases"]) >= 5
+
+
+def test_parity_with_openclip(tok):
+    # OpenCLIP's real ids, ftfy included, on pasted text: curly quotes, full width, ligatures,
+    # literal "<|endoftext|>", HTML, control characters, long prompts, ordinary ones.
+    checked = 0
+    for p, case in CASES.items():
+        if p in OPENCLIP_NAMES or p in MOJIBAKE:
+            continue
+        assert tok.encode(p) == case["encode"], p
+        assert rows(tok, [p])[0] == case["row"], p
+        checked += 1
+    assert checked == len(CASES) - 7
+
+
+def test_fix_text_equals_ftfy_without_mojibake_repair():
+    for p, case in CASES.items():
+        if p not in MOJIBAKE:
+            assert fix_text(p) == case["fixed"], p
+    assert fix_text("“ＬＯＵＤ”　ﬁsh") == '"LOUD" fish'
+
+
+def test_mojibake_is_left_alone(tok):
+    # The one ftfy fix we leave out (see fix_text): our ids are OpenCLIP's with ftfy's
+    # fix_encoding off, and only the mojibake prompts of the corpus need that fix.
+    assert [p for p, c in CASES.items() if "row_without_fix_encoding" in c] == MOJIBAKE
+    for p in MOJIBAKE:
+        assert fix_text(p) == p and CASES[p]["fixed"] != p
+        assert rows(tok, [p])[0] == CASES[p]["row_without_fix_encoding"] != CASES[p]["row"], p
+
+
+def test_no_text_injects_a_control_token(tok, hf):
+    for p in ("<|startoftext|>", "<|endoftext|>", "a cat<|endoftext|>a dog", "&lt;|endoftext|&gt;",
+              "＜|endoftext|＞", *OPENCLIP_NAMES):
+        assert BOS not in tok.encode(p) and EOS not in tok.encode(p), p
+    assert tok.encode("<|startoftext|>") == CASES["<|startoftext|>"]["encode"]  # OpenCLIP: text
+    # transformers matches OpenAI's names as its special tokens (a difference from it) ...
+    assert hf("<|endoftext|>", add_special_tokens=False).input_ids == [EOS]
+    # ... and OpenCLIP its own names (a difference from it): we read them as their spaced-out
+    # words, which OpenCLIP BPEs as text.
+    for p, spaced in OPENCLIP_NAMES.items():
+        assert EOS in CASES[p]["encode"] or BOS in CASES[p]["encode"], p
+        assert tok.encode(p) == CASES[spaced]["encode"], p
 
 
 def test_parity_with_openai_reference(tok, openai):
-    for p in EVERYTHING:
+    for p in UNFIXED:
         assert tok.encode(p) == openai.encode(p), p
-    assert rows(tok, EVERYTHING) == [openai.row(p) for p in EVERYTHING]
+    assert rows(tok, UNFIXED) == [openai.row(p) for p in UNFIXED]
 
 
 def test_parity_with_transformers(tok, hf):
-    ours, theirs = rows(tok, PLAIN), hf_rows(hf, PLAIN)
-    for p, a, b in zip(PLAIN, ours, theirs):
+    ours, theirs = rows(tok, PLAIN_UNFIXED), hf_rows(hf, PLAIN_UNFIXED)
+    for p, a, b in zip(PLAIN_UNFIXED, ours, theirs):
         assert a == b, p
+
+
+def test_ftfy_fixes_are_a_difference_from_transformers(tok, hf_sd1):
+    # transformers' fast CLIPTokenizer applies NFC but none of ftfy's other fixes; given ftfy's
+    # output it agrees (compared up to EOS with SD 1.x's pad token, under which "!" is text).
+    pasted = [p for p, c in CASES.items() if "<|" not in c["fixed"]
+              and c["category"] in ("curly_quotes", "full_width", "ligatures")]
+    differ = 0
+    for p, a in zip(pasted, rows(tok, pasted)):
+        ours = a[: a.index(EOS) + 1]
+        differ += ours != hf_sd1(p, truncation=True, max_length=MAX_LEN).input_ids
+        assert ours == hf_sd1(CASES[p]["fixed"], truncation=True, max_length=MAX_LEN).input_ids, p
+    assert differ >= 20
+    assert hf_sd1("\x1ccat", add_special_tokens=False).input_ids != tok.encode("cat")
 
 
 def test_sd1_padding_matches_transformers(hf_sd1):
     # SD 1.x pads with EOS; with that pad token transformers treats "!" as text, so even the
     # "!" prompts agree exactly.
     sd1 = Tokenizer(pad_id=EOS)
-    prompts = PLAIN + EXCLAIM + EXCLAIM_RUNS
+    prompts = PLAIN_UNFIXED + EXCLAIM + EXCLAIM_RUNS
     assert rows(sd1, prompts) == hf_rows(hf_sd1, prompts)
     short = Tokenizer(max_len=8)
     assert rows(short, ["a b", "a b c d e f g"]) == [[BOS, 320, 321, EOS, 0, 0, 0, 0],
@@ -229,7 +254,9 @@ def test_final_sigma_lowercases_like_python(tok, hf, openai):
 
 def test_truncation_warns_and_ends_with_eos(tok, hf):
     prompt = "a painting of a lighthouse " * 20 + "in the style of monet"
-    with pytest.warns(UserWarning, match="in the style of monet") as record:
+    with pytest.warns(UserWarning, match=r"CLIP will not see its last 30 tokens \(30 words\), from "
+                                         r"'a painting of a lighthouse a painting of \.\.\.'$"
+                      ) as record:
         out = tok(prompt)[0]
     assert record[0].filename == __file__  # stacklevel=2 points at the caller
     assert out[-1] == EOS and out[0] == BOS and (out != 0).all()
@@ -242,13 +269,32 @@ def test_truncation_warns_and_ends_with_eos(tok, hf):
             tok("a" + " a" * (MAX_LEN - 2))
 
 
-def test_separators_are_stripped_like_python(tok, hf, openai):
-    # OpenAI strips with str.strip(), which drops \x1c-\x1f; inside a prompt they are symbols.
-    for p in ("\x1ccat\x1f", "a\x1db", "\x1e"):
-        assert tok.encode(p) == openai.encode(p), repr(p)
+def test_long_prompt_warning_is_short(tok):
+    # A pasted 2,000-word prompt: the warning gives the count and the first words, not 9 KB.
+    prompt = "a painting of a lighthouse " * 399 + "in the style of monet"  # 2,000 words
+    with pytest.warns(UserWarning) as record:
+        tok(prompt)
+    message = str(record[0].message)
+    assert len(prompt) > 9000 and len(message) < 200
+    assert message.endswith("CLIP will not see its last 1925 tokens (1925 words), from "
+                            "'a painting of a lighthouse a painting of ...'")
+    with pytest.warns(UserWarning) as record:  # one 9 KB "word" is cut too
+        tok("a " * 80 + "x" * 9000)
+    assert len(str(record[0].message)) < 200
+    with pytest.raises(ValueError, match=r"not found in prompt 'a painting of a lighthouse a "
+                                         r"painting of \.\.\.' within its first 77") as error:
+        tok.word_indices(prompt, "monet")  # --heatmap monet: the same prompt in an error
+    assert len(str(error.value)) < 700
+
+
+def test_control_characters_are_removed_like_ftfy(tok):
+    # ftfy's remove_control_chars drops \x1c-\x1f (which str.strip() would only strip at the
+    # ends) and the other controls anywhere; OpenCLIP's ids are in the corpus.
+    for p in ("\x1ccat\x1f", "a\x1db", "bell\x07 nul\x00 del\x7f", "\ufeffBOM at start"):
+        assert tok.encode(p) == CASES[p]["encode"], repr(p)
     assert tok.encode("\x1ccat\x1f") == tok.encode("cat")
-    assert hf("\x1ccat", add_special_tokens=False).input_ids != tok.encode("cat")
-    assert len(tok.encode("a\x1db")) == 3
+    assert tok.encode("a\x1db") == tok.encode("ab")
+    assert tok.encode("\x1e") == [] and tok.encode("\x1b[1mbold\x1b[0m") == tok.encode("bold")
 
 
 def test_word_indices(tok):

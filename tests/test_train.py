@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).parent.parent
-
 from sd.config import TINY
 from sd.pipeline import Pipeline
 from sd.weights import load
-from train import dreambooth, textual_inversion
-from train.data import (Denoiser, ImageFolder, Run, UsageError, denoising_loss,
-                        draw, examples, find_checkpoint, load_modules, load_pipeline)
+from train import UsageError, dreambooth, embedding, finetune, textual_inversion
+from train.checkpoints import find as find_checkpoint
+from train.checkpoints import load_modules
+from train.dataset import ImageFolder, draw, examples
+from train.loop import Denoiser, Run, denoising_loss, load_pipeline
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,7 @@ def trained(instances, tmp_path_factory):
     out = tmp_path_factory.mktemp("db")
     args = db_args(instances, out, "--steps", "50", "--batch-size", "2", "--center-crop",
                    "--checkpoint-every", "0")
-    return dreambooth.train(args), out
+    return finetune.train(args), out
 
 
 # ------------------------------------------------------------------------------------ data
@@ -128,21 +130,27 @@ def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances
                                                                         monkeypatch):
     extra = ["--steps", "6", "--checkpoint-every", "3", "--batch-size", "1", "--grad-accum",
              "2", "--warmup-steps", "2", "--flip", "--train-text-encoder"]
-    whole = dreambooth.train(db_args(instances, tmp_path / "whole", *extra))
+    whole = finetune.train(db_args(instances, tmp_path / "whole", *extra))
 
     out = tmp_path / "killed"
     real_save = torch.save
 
+    killed_in = []
+
     def dies_saving_checkpoint_6(obj, f, *a, **k):
         if "checkpoint-6" in str(f):  # unet/ and text_encoder/ are already written
+            killed_in.append(Path(f).parent)
+            assert (Path(f).parent / "unet").is_dir() and Path(f).parent.name.endswith(".tmp")
             raise KeyboardInterrupt("killed while saving")
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", dies_saving_checkpoint_6)
     with pytest.raises(KeyboardInterrupt):
-        dreambooth.train(db_args(instances, out, *extra))
+        finetune.train(db_args(instances, out, *extra))
     monkeypatch.undo()
-    assert (out / "checkpoint-6.tmp" / "unet").is_dir() and not (out / "checkpoint-6").exists()
+    # the save died with unet/ written in checkpoint-6.tmp/; the half-written folder is removed
+    assert killed_in == [out / "checkpoint-6.tmp"] and not (out / "checkpoint-6").exists()
+    assert not (out / "checkpoint-6.tmp").exists()
     folder = find_checkpoint(out, "latest")
     assert folder.name == "checkpoint-3"
     state = torch.load(folder / "state.pt", weights_only=True)
@@ -150,7 +158,7 @@ def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances
     fresh = load_pipeline("tiny", None, torch.device("cpu"), 0)
     load_modules(folder, unet=fresh.models.unet, text_encoder=fresh.models.text_encoder)
 
-    resumed = dreambooth.train(db_args(instances, out, *extra, "--resume", "latest"))
+    resumed = finetune.train(db_args(instances, out, *extra, "--resume", "latest"))
     assert resumed.losses == whole.losses[3:]
     for name in ("unet", "text_encoder"):
         a = getattr(whole.pipe.models, name).state_dict()
@@ -171,7 +179,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    m = dreambooth.train(dreambooth.parse(argv)).pipe.models
+    m = finetune.train(dreambooth.parse(argv)).pipe.models
     torch.save({"unet": m.unet.state_dict(), "text_encoder": m.text_encoder.state_dict()},
                f"{out}/rank{rank}.pt")
 
@@ -189,7 +197,7 @@ def test_two_process_ddp_matches_one_process(instances, tmp_path):
     mp.spawn(_ddp_worker, (2, _free_port(), argv, str(tmp_path)), nprocs=2)
     assert [f.name for f in sorted((tmp_path / "class").iterdir())] == ["0.png", "class-00000.png"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = dreambooth.train(dreambooth.parse(common + ["--batch-size", "2", "-o",
+    single = finetune.train(dreambooth.parse(common + ["--batch-size", "2", "-o",
                                                          str(tmp_path / "one")])).pipe.models
     # Adam divides by sqrt(v): an element whose gradient is ~0 (summation-order noise) moves by up
     # to +-lr either way, so the max abs diff is not a tolerance; the size of the difference
@@ -231,7 +239,7 @@ def test_textual_inversion_learns_only_the_new_row(instances, tmp_path):
                                     "square", "--model", "tiny", "--lr", "5e-2", "--steps", "30",
                                     "--batch-size", "2", "--center-crop", "-o", str(tmp_path),
                                     "-q", "--checkpoint-every", "0"])
-    result = textual_inversion.train(args)
+    result = embedding.train(args)
     prompt = "a photo of a <sks-square>"
     start, end = fixed_loss(before, prompt, instances), fixed_loss(result.pipe, prompt, instances)
     print(f"textual inversion: loss on 64 fixed draws {start:.5f} -> {end:.5f}; training loss "

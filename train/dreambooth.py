@@ -3,27 +3,17 @@ bound to a rare token ("a photo of sks dog"), optionally with prior preservation
 
 Photoswap (Gu et al. 2023, arXiv:2307.03157) learns its target concept this way: SD 2.1, UNet and
 text encoder, AdamW, lr 1e-6, 800 steps; those are the defaults here (add --train-text-encoder).
-The loop follows diffusers' examples/dreambooth/train_dreambooth.py: frozen VAE, latents from a
-posterior sample, uniform timesteps, MSE to eps (or v), prior loss weighted by --prior-weight.
+This is the command line; the method is train/finetune.py, the loop train/loop.py.
 """
 
 import argparse
-import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from sd.files import unwritable
+from train import options
 
-from sd.__main__ import save as save_png
-from sd.pipeline import Pipeline
-from sd.weights import WeightsError, save
-from train.data import (IMAGE_SUFFIXES, Denoiser, ImageFolder, Run, UsageError, add_arguments,
-                        denoising_loss, draw, examples, find_checkpoint, finish, load_modules,
-                        load_pipeline, lr_at, optimizer_step, replace_folder, restore,
-                        save_checkpoint, start, training_state, validate)
-
+PROG = "python -m train.dreambooth"
 EPILOG = """examples:
   # Photoswap's setting, on one GPU (bf16 and checkpointing to save memory):
   python -m train.dreambooth photos/my-dog --instance-prompt "a photo of sks dog" \\
@@ -53,9 +43,8 @@ to add a NEW token instead, use textual inversion (python -m train.textual_inver
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.dreambooth", description=__doc__,
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, lr=1e-6, steps=800, checkpoint_every=500, out="out/dreambooth")
+    p = options.parser(PROG, __doc__, EPILOG, lr=1e-6, steps=800, checkpoint_every=500,
+                       out="out/dreambooth")
     p.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')
     p.add_argument("--train-text-encoder", action="store_true",
                    help="fine-tune the text encoder too, at the same lr (Photoswap does)")
@@ -65,154 +54,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "the missing number is generated")
     p.add_argument("--num-class-images", type=int, default=100, help="(100)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (1.0)")
-    return p.parse_args(argv)
-
-
-def class_images(pipe: Pipeline, prompt: str, folder: Path, count: int, side: int, run: Run,
-                 precision: str) -> None:
-    """Fill `folder` up to `count` images of `prompt`; class-K.png is drawn from seed K."""
-    folder.mkdir(parents=True, exist_ok=True)
-    have = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir())
-    names, k = [], 0
-    while len(names) < count - have:
-        if not (folder / f"class-{k:05d}.png").exists():
-            names.append(f"class-{k:05d}.png")
-        k += 1
-    chunks = [names[i : i + 4] for i in range(0, len(names), 4)]
-    for chunk in tqdm(chunks, desc="class images", disable=run.quiet):
-        seeds = [int(n[6:11]) for n in chunk]
-        latents = torch.cat([pipe.noise(1, side, side, s) for s in seeds])
-        with run.autocast(precision):
-            images = pipe([prompt] * len(chunk), latents=latents)
-        for image, name in zip(images, chunk):
-            save_png(image, folder / name)  # atomic: a killed run never leaves half a PNG
-
-
-@dataclass
-class Result:
-    losses: list[float]  # mean loss of each step run here, on this rank's examples
-    pipe: Pipeline  # with the trained weights
-
-
-def train(args: argparse.Namespace) -> Result:
-    run = start(args.device, args.quiet)
-    pipe = load_pipeline(args.model, args.weights, run.device, args.seed)
-    cfg, m, out = pipe.cfg, pipe.models, args.out
-    side = args.resolution or cfg.resolution
-    if side % cfg.vae.factor:
-        raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
-    instances = ImageFolder(args.instance_dir, side)
-    for warning in instances.warnings:
-        run.say(f"warning: {warning}")
-    classes = None
-    if args.class_prompt:
-        if args.class_dir is None:
-            raise UsageError("--class-prompt needs --class-dir, where class images are cached")
-        if run.main:
-            class_images(pipe, args.class_prompt, args.class_dir, args.num_class_images, side,
-                         run, args.precision)
-        run.barrier()
-        classes = ImageFolder(args.class_dir, side, limit=args.num_class_images)
-        for warning in classes.warnings:
-            run.say(f"warning: {warning}")
-
-    trained = {"unet": m.unet} | ({"text_encoder": m.text_encoder} if args.train_text_encoder
-                                  else {})
-    for module in trained.values():
-        module.train().requires_grad_(True)
-    m.unet.set_checkpointing(args.checkpointing)
-    model = Denoiser(m.unet, trained.get("text_encoder"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    # diffusers train_dreambooth.py defaults: betas (0.9, 0.999), eps 1e-8, weight decay 1e-2
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16")
-    gen = torch.Generator().manual_seed(args.seed)
-    first = 0
-    if args.resume:
-        folder = find_checkpoint(out, args.resume)
-        load_modules(folder, **trained)
-        first = restore(folder, opt, scaler, gen)
-        run.say(f"resumed from {folder} at step {first}")
-    ddp = run.wrap(model)
-
-    # Rows are [instance x b, class x b]; the prompts are fixed, so a frozen encoder runs once.
-    parts, b = (2 if classes else 1), args.batch_size
-    ids = pipe.tokenizer([args.instance_prompt] + ([args.class_prompt] if classes else []))
-    text = ids.to(run.device).repeat_interleave(b, dim=0)
-    if not args.train_text_encoder:
-        with torch.no_grad():
-            text = m.text_encoder(text)
-    n = max(len(instances), len(classes) if classes else 0)  # as diffusers' DreamBoothDataset
-    latent = (cfg.unet.in_channels, side // cfg.vae.factor, side // cfg.vae.factor)
-    losses = []
-    bar = tqdm(range(first, args.steps), initial=first, total=args.steps, desc="dreambooth",
-               disable=args.quiet or not run.main)
-    for step in bar:
-        total = 0.0
-        for a in range(args.grad_accum):
-            d = draw(gen, step * args.grad_accum + a, b, run, parts, latent,
-                     cfg.schedule.train_steps)
-            index = examples(n, args.seed, d.positions)
-            x = [instances.batch(index, d.u[0], side, args.center_crop, args.flip)]
-            if classes:
-                x.append(classes.batch(index, d.u[1], side, args.center_crop, args.flip))
-            with run.accumulating(ddp, a < args.grad_accum - 1):
-                with run.autocast(args.precision):
-                    rows = denoising_loss(ddp, m.vae, cfg, pipe.ac, torch.cat(x).to(run.device),
-                                          text, d)
-                    loss = rows[:b].mean()
-                    if classes:  # prior preservation, Ruiz et al. eq. 2
-                        loss = loss + args.prior_weight * rows[b:].mean()
-                scaler.scale(loss / args.grad_accum).backward()
-            total += loss.item() / args.grad_accum
-        optimizer_step(opt, scaler, params, args.max_grad_norm,
-                       lr_at(args.lr, step, args.warmup_steps))
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}")
-        done = step + 1
-        keep = done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0)
-        look = args.validate_every and done % args.validate_every == 0
-        if run.main and keep:
-            save_checkpoint(out, done, lambda folder: save(folder, cfg, **trained),
-                            training_state(done, opt, scaler, gen))
-        if run.main and look:
-            validate(pipe, args.validation_prompt or args.instance_prompt,
-                     out / f"validation-{done}.png", args.validation_steps, run, args.precision)
-        if keep or look:
-            run.barrier()  # the other ranks wait for rank 0's checkpoint or validation
-
-    for module in trained.values():
-        module.eval().requires_grad_(False)
-    m.unet.set_checkpointing(False)
-    if run.main:
-        export(out / "model", pipe)
-    if not args.quiet:
-        run.say(f"wrote {out / 'model'}")
-    finish(run)
-    return Result(losses, pipe)
-
-
-def export(folder: Path, pipe: Pipeline) -> None:
-    """All three components (the frozen ones copied) + MODEL: a folder every loader takes."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an interrupted export
-    m, cfg = pipe.models, pipe.cfg
-    save(tmp, cfg, unet=m.unet, text_encoder=m.text_encoder, vae=m.vae)
-    # the marker weights/fetch.py writes: sd.weights.detect_preset reads the variant from it
-    (tmp / "MODEL").write_text(f"# written by train/dreambooth.py\npreset={cfg.name}\n"
-                               f"prediction={cfg.schedule.prediction}\n"
-                               f"resolution={cfg.resolution}\n")
-    replace_folder(tmp, folder)
+    args = p.parse_args(argv)
+    class_dir = args.class_dir and unwritable(args.class_dir, folder=True)
+    return options.check(
+        p, args, (bool(args.class_prompt) and args.class_dir is None,
+                  "--class-prompt needs --class-dir, where class images are cached"),
+        (bool(class_dir), f"--class-dir: {class_dir}"),
+        (args.num_class_images < 1, "--num-class-images: give 1 or more"),
+        (not 0 <= args.prior_weight < float("inf"), "--prior-weight: give 0 or more"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    try:
-        train(args)
-    except (UsageError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return options.main(PROG, parse, "train.finetune", argv)
 
 
 if __name__ == "__main__":

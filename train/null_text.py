@@ -1,222 +1,27 @@
-"""Invert a real photo so guided DDIM reproduces it: x_T plus one unconditional context per step.
+"""python -m train.null_text photo.jpg --prompt "..." : invert a real photo for editing.
 
-Null-text inversion (Mokady et al. 2022, "Null-text Inversion for Editing Real Images",
-arXiv:2211.09794), as google/prompt-to-prompt's null_text_w_ptp.ipynb (NullInversion) does it:
-DDIM-invert the photo's latent with the source prompt at guidance 1, then walk down from x_T and
-optimise each step's unconditional ("null") embedding so the guided DDIM step lands back on the
-inversion trajectory. The fast mode is negative-prompt inversion (Miyake et al. 2023,
-arXiv:2305.16807): the prompt's own embedding as the unconditional one, no optimisation.
-
-    python -m train.null_text photo.jpg --prompt "a photo of a cat" -o cat.inv
+The command line of null-text inversion (Mokady et al. 2022) and its fast variant, negative-prompt
+inversion (Miyake et al. 2023); the method is train/inversion.py.
 """
 
 import argparse
-import hashlib
 import math
-import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
-from sd import ddim
-from sd.__main__ import DTYPES, resolve
-from sd.pipeline import Pipeline, default_device_dtype, load_image
-from sd.weights import WeightsError
-
-FORMAT = "sd21-inversion/1"  # safetensors metadata "format": what the file holds, and its version
+from sd.config import DTYPE_NAMES, PRESETS
 
 
-@dataclass
-class Inversion:
-    """A photo, inverted: what guided DDIM needs to redraw it, and the settings that made it."""
-
-    x_T: torch.Tensor  # [1, 4, h, w]
-    uncond: list[torch.Tensor]  # one [1, 77, width] context per sampling step, in model dtype
-    prompt: str
-    steps: int
-    guidance: float
-    method: str  # "null-text" or "negative-prompt"
-    inner_steps: int  # Adam iterations allowed per step (0 for negative-prompt)
-    lr: float
-    epsilon: float
-    model: str  # fingerprint() of the model it was made with
-
-
-def fingerprint(pipe: Pipeline) -> str:
-    """Config, prediction type and a hash of three small weight tensors: cheap, yet different
-    weights differ. The weights are rounded to fp16 first, so a model gives the same fingerprint
-    in fp16 on a GPU and in fp32 on a CPU (an inversion made on one replays on the other)."""
-    m = pipe.models
-    h = hashlib.sha256()
-    for w in (m.unet.conv_in.weight, m.text_encoder.embeddings.token_embedding.weight[:16],
-              m.unet.conv_out.weight):
-        h.update(w.detach().half().float().cpu().numpy().tobytes())
-    return f"{pipe.cfg.name}/{pipe.cfg.schedule.prediction}/{h.hexdigest()[:16]}"
-
-
-@torch.no_grad()
-def ddim_inversion(pipe: Pipeline, latent: torch.Tensor, cond: torch.Tensor, steps: int,
-                   progress: bool = False) -> list[torch.Tensor]:
-    """[x_0 (the clean latent), x_1, ..., x_T], DDIM towards noise at guidance 1: sampling step
-    i (from timesteps(steps)[i]) should land on trajectory[-2 - i]."""
-    s = pipe.cfg.schedule
-    xs = [latent]
-    for t_next in tqdm(ddim.timesteps(steps, s).flip(0).tolist(), desc="DDIM inversion",
-                       disable=not progress):
-        out = pipe.models.unet(xs[-1], t_next, cond)  # at the TARGET timestep: ddim.inverse_step
-        t = ddim.previous(t_next, steps, s)
-        xs.append(ddim.inverse_step(out, xs[-1], t, t_next, pipe.ac, s.prediction).to(latent.dtype))
-    return xs
-
-
-def _host_bool(flag: torch.Tensor) -> Callable[[], bool]:
-    """Start copying a 0-dim device bool to the host; the returned function waits for it alone."""
-    if flag.device.type != "cuda":
-        return lambda: bool(flag)
-    host, ready = flag.to("cpu", non_blocking=True), torch.cuda.Event()  # pinned, queued
-    ready.record()
-    return lambda: ready.synchronize() or bool(host)  # waits for this point of the stream only
-
-
-def _guided_step(pipe: Pipeline, x: torch.Tensor, t: int, t_prev: int, out_uncond: torch.Tensor,
-                 out_cond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance, then the DDIM step t -> t_prev, in fp32 (the loss's dtype)."""
-    out = out_uncond + guidance * (out_cond - out_uncond)
-    return ddim.step(out, x.float(), t, t_prev, pipe.ac, pipe.cfg.schedule.prediction)
-
-
-def null_text_inversion(pipe: Pipeline, trajectory: list[torch.Tensor], cond: torch.Tensor,
-                        guidance: float = 7.5, num_inner_steps: int = 10, lr: float = 1e-2,
-                        epsilon: float = 1e-5, progress: bool = False) -> list[torch.Tensor]:
-    """One unconditional context per step under which guided DDIM from x_T retraces `trajectory`.
-
-    The notebook's loop and defaults: Adam at lr * (1 - i/100) on step i from the last step's
-    embedding, at most num_inner_steps iterations, stop once the loss < epsilon + i * 2e-5. The
-    embedding and Adam stay fp32 (the UNet sees the embedding in its dtype); the models are frozen.
-    Two departures, exact in fp32 (tests/test_inversion.py compares with the notebook):
-    - Host syncs. The early stop needs every iteration's loss on the host; loss.item() after the
-      Adam step would drain the GPU queue each time. We compare on the device, copy the flag
-      without blocking and read it once the NEXT forward is queued. That forward is never wasted:
-      at the end it is the output at the final embedding that advancing x_t needs anyway.
-    - Loss scale. mse's mean over N values makes output gradients ~1/N, which underflow in fp16:
-      we backpropagate loss * 2^round(log2 N) and give Adam eps * the same, to which Adam is
-      invariant; a power of two changes no bit in fp32.
-    """
-    steps, s, unet, dtype = len(trajectory) - 1, pipe.cfg.schedule, pipe.models.unet, pipe.dtype
-    if steps > 100:
-        raise ValueError(f"{steps} steps: the learning rate lr * (1 - i/100) is < 0 past 100")
-    for m in (pipe.models.text_encoder, pipe.models.vae, unet):
-        m.requires_grad_(False)
-    x = trajectory[-1]
-    scale = 2.0 ** round(math.log2(x.numel()))
-    emb = pipe.encode_prompt("").float()  # the notebook starts from the empty prompt's context
-    out: list[torch.Tensor] = []
-    bar = tqdm(ddim.timesteps(steps, s).tolist(), desc="null-text inversion", disable=not progress)
-    for i, t in enumerate(bar):
-        t_dev = torch.full((), t, device=x.device)  # a fill kernel: no host-to-device copy
-        target = trajectory[-2 - i].float()
-        with torch.no_grad():
-            out_cond = unet(x, t_dev, cond).float()
-        guided_step = partial(_guided_step, pipe, x, t, ddim.previous(t, steps, s),
-                              out_cond=out_cond, guidance=guidance)  # of the uncond output only
-        emb = emb.detach().clone().requires_grad_()  # a new leaf: out[-1] must not move
-        opt = torch.optim.Adam([emb], lr=lr * (1 - i / 100), eps=1e-8 * scale)
-        below = None  # -> whether iteration j - 1's loss was under the threshold
-        for j in range(num_inner_steps + 1):  # the extra forward is the final one, without grad
-            with torch.set_grad_enabled(j < num_inner_steps):
-                out_uncond = unet(x, t_dev, emb.to(dtype)).float()
-            if j == num_inner_steps or (below is not None and below()):
-                break
-            loss = F.mse_loss(guided_step(out_uncond), target)
-            opt.zero_grad(set_to_none=True)
-            (loss * scale).backward()
-            opt.step()
-            below = _host_bool(loss.detach() < epsilon + i * 2e-5)
-        bar.set_postfix(iterations=j)
-        out.append(emb.detach().to(dtype))
-        with torch.no_grad():
-            x = guided_step(out_uncond.detach()).to(x.dtype)
-    return out
-
-
-def invert(pipe: Pipeline, latent: torch.Tensor, prompt: str, steps: int = 50,
-           guidance: float = 7.5, fast: bool = False, num_inner_steps: int = 10,
-           lr: float = 1e-2, epsilon: float = 1e-5, progress: bool = False) -> Inversion:
-    """A clean latent (Pipeline.encode) -> its inversion; `fast` for negative-prompt inversion."""
-    cond = pipe.encode_prompt(prompt).to(pipe.dtype)
-    trajectory = ddim_inversion(pipe, latent.to(pipe.device, pipe.dtype), cond, steps, progress)
-    if fast:  # Miyake et al.: the conditional context stands in for the null one at every step
-        uncond, method, num_inner_steps = [cond] * steps, "negative-prompt", 0
-    else:
-        uncond, method = null_text_inversion(pipe, trajectory, cond, guidance, num_inner_steps,
-                                             lr, epsilon, progress), "null-text"
-    return Inversion(trajectory[-1], uncond, prompt, steps, guidance, method, num_inner_steps, lr,
-                     epsilon, fingerprint(pipe))
-
-
-def reconstruct(pipe: Pipeline, inv: Inversion, progress: bool = False) -> torch.Tensor:
-    """Guided DDIM from the inversion's x_T with its contexts: the photo's latent, approximately."""
-    return pipe(inv.prompt, steps=inv.steps, guidance=inv.guidance, latents=inv.x_T,
-                uncond=inv.uncond, output="latent", progress=progress)
-
-
-def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of [0, 1] images (the same number as on 0..255)."""
-    mse = (image.float().cpu() - reference.float().cpu()).pow(2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
-
-
-def save(inv: Inversion, path: str | Path) -> None:
-    """One safetensors file (x_T, contexts, the rest as string metadata), written atomically."""
-    path = Path(path)
-    tensors = {"x_T": inv.x_T.contiguous().cpu(), "uncond": torch.cat(inv.uncond).cpu()}
-    meta = {f.name: str(getattr(inv, f.name)) for f in fields(inv) if f.name not in tensors}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": FORMAT, **meta})
-    os.replace(tmp, path)  # an interrupted run never leaves half a file
-
-
-def load(path: str | Path, pipe: Pipeline, steps: int | None = None) -> Inversion:
-    """Read an inversion; refuse one made with another model or (if given) step count."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: cannot be read as an inversion ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an inversion file (no format {FORMAT!r} in its metadata)")
-    kinds = {f.name: f.type for f in fields(Inversion)}  # str, int or float
-    inv = Inversion(x_T=tensors["x_T"].to(pipe.device, pipe.dtype),
-                    uncond=list(tensors["uncond"].to(pipe.device, pipe.dtype).split(1)),
-                    **{k: kinds[k](v) for k, v in meta.items() if k in kinds})
-    if inv.model != fingerprint(pipe):
-        raise ValueError(f"{path} was inverted with model {inv.model}, but this model is "
-                         f"{fingerprint(pipe)}: invert the photo again with this model")
-    if steps is not None and steps != inv.steps:
-        raise ValueError(f"{path} was inverted with {inv.steps} DDIM steps, not {steps}: sample "
-                         f"with --steps {inv.steps} or invert the photo again")
-    return inv
-
-
-def parse(argv=None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.null_text",
                                 description="Invert a photo for editing: x_T and one "
                                 "unconditional context per step (null-text inversion).",
                                 epilog="Weights: `make weights` (see weights/README.md).")
+    p.error = lambda message: p.exit(2, f"error: {message} (see {p.prog} --help)\n")
     p.add_argument("image", type=Path, help="the photo (cropped to the model's resolution)")
     p.add_argument("--prompt", required=True, help="describes the photo (the source prompt)")
     p.add_argument("-o", "--output", type=Path, help="inversion file (default: IMAGE.inv)")
-    p.add_argument("--model", choices=["auto", "sd2.1-base", "sd2.1", "tiny"], default="auto",
+    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
                    help="as for python -m sd (default: from the weights)")
     p.add_argument("--weights", type=Path, help="default: weights/sd2.1-base or weights/MODEL")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -226,13 +31,37 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="multiple of 64 (default: the model's resolution)")
     p.add_argument("--width", type=int, help="multiple of 64 (default: the model's resolution)")
     p.add_argument("--seed", type=int, default=0, help="seeds --model tiny's random weights")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
+    """What load_image's resize-and-crop of an image of `size` (w, h) loses, if it is a lot."""
+    w, h = size
+    scale = max(width / w, height / h)
+    kept = (width * height) / (w * h * scale**2)  # the share of the image the crop keeps
+    if scale > 4:
+        return f"it is {w}x{h}, scaled up {scale:.3g}x to {width}x{height}: use a larger image"
+    if kept < 0.25:
+        return f"it is {w}x{h}: a {width}x{height} crop keeps {kept:.1%}: crop it yourself first"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # The library (and torch, over a second) loads only now: --help and usage errors are instant.
+    import torch
+    from PIL import Image
+
+    from sd import ddim
+    from sd.config import DTYPES
+    from sd.files import unwritable
+    from sd.images import load_image, rgb
+    from sd.pipeline import Pipeline, default_device_dtype
+    from sd.weights import WeightsError, resolve
+    from train.inversion import MAX_STEPS, invert, psnr, reconstruct, save
+
     if not args.image.is_file():
         print(f"error: {args.image}: no such file", file=sys.stderr)
         return 1
@@ -241,13 +70,29 @@ def main(argv=None) -> int:
     except WeightsError as e:  # says how to download them
         print(e, file=sys.stderr)
         return 2
+    out = args.output or args.image.with_suffix(".inv")
+    h, w = args.height or cfg.resolution, args.width or cfg.resolution
+    try:  # everything that can be checked before the model loads
+        checks = [(not math.isfinite(args.guidance), "--guidance: give a finite number"),
+                  (args.inner_steps < 0, "--inner-steps: give 0 or more"),
+                  (not args.fast and args.steps > MAX_STEPS, f"--steps {args.steps}: null-text "
+                   f"inversion takes at most {MAX_STEPS} (its lr schedule); --fast takes more")]
+        if problem := unwritable(out) or next((m for failed, m in checks if failed), None):
+            raise ValueError(problem)
+        ddim.timesteps(args.steps, cfg.schedule)
+        image = load_image(args.image, h, w)  # a photo that cannot be read: say so now
+        with Image.open(args.image) as photo:
+            warning = fit_warning(rgb(photo).size, h, w)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if warning:
+        print(f"warning: {args.image}: {warning}", file=sys.stderr)
     device, dtype = default_device_dtype()
     dtype = DTYPES[args.dtype] if args.dtype else dtype
     print(f"model: {cfg.name} ({cfg.schedule.prediction}; {why}) on {device} in "
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    h, w = args.height or cfg.resolution, args.width or cfg.resolution
     try:
-        image = load_image(args.image, h, w)
         torch.manual_seed(args.seed)  # only random (tiny) weights draw from it
         pipe = Pipeline.load(cfg, weights, device, dtype)
         latent = pipe.encode(args.image, h, w)
@@ -256,7 +101,6 @@ def main(argv=None) -> int:
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = args.output or args.image.with_suffix(".inv")
     save(inv, out)
     rec, vae = (psnr(pipe.decode(z), image) for z in (reconstruct(pipe, inv), latent))
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance})\n"

@@ -1,0 +1,1 @@
+"""Photoswap (Gu et al. 2023) on sd's attention interface; see README.md and control.py."""

@@ -1,0 +1,140 @@
+"""What `python -m photoswap` does once its arguments parse: load, swap, draw, write.
+
+Separate from __main__.py so that parsing (and --help) never waits for torch.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from PIL import Image
+
+from photoswap.align import subject_indices
+from photoswap.swap import Pair, control, replace_words, run, settings_for
+from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
+from sd.attention import Site
+from sd.config import DTYPES
+from sd.files import atomic_write
+from sd.images import grid, load_image, overlay, save_image, to_pil
+from sd.pipeline import Pipeline, default_device_dtype
+from sd.tokenizer import Tokenizer
+from sd.weights import WeightsError, resolve
+from train.inversion import invert
+from train.inversion import load as load_inversion
+
+__all__ = ["WeightsError", "execute"]
+
+
+def check_concepts(tok: Tokenizer, concepts: list[str], learned: list[str], embeds) -> None:
+    """A placeholder such as "<my-dog>" must be one token: one a textual-inversion file adds."""
+    for concept in concepts:
+        for word in concept.split():
+            if word.startswith("<") and word.endswith(">") and len(tok.encode(word)) != 1:
+                where = (f"{embeds} defines {', '.join(learned)}" if learned else
+                         "pass the textual-inversion file that defines it with --embeds FILE")
+                raise ValueError(f"concept token {word!r} is unknown to the tokenizer: {where}")
+    if learned and not any(t in c.split() for c in concepts for t in learned):
+        raise ValueError(f"the concept {' / '.join(concepts)!r} does not use the token(s) "
+                         f"{', '.join(learned)} that {embeds} defines")
+
+
+def user_mask(path) -> torch.Tensor:
+    """Any image -> [1, 1, H, W] in [0, 1] (brightness); resized to the latent by the control."""
+    with Image.open(path) as im:
+        grey = torch.frombuffer(bytearray(im.convert("L").tobytes()), dtype=torch.uint8)
+        return grey.reshape(1, 1, im.height, im.width).float() / 255
+
+
+def execute(args: argparse.Namespace, learned: list[str]) -> int:
+    started = time.time()
+    cfg, weights, why = resolve(args.model, args.weights)
+    tok = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+    if learned:
+        tok.add_tokens(learned)
+    check_concepts(tok, args.concept, learned, args.embeds)
+    target = args.target or replace_words(args.prompt, args.subject, args.concept)
+    subject_indices(tok, args.prompt, args.subject)  # absent words: the error lists the prompt's
+    subject_indices(tok, target, args.concept)
+    h, w = args.height or cfg.resolution, args.width or cfg.resolution
+    blend = False if args.no_blend else True if args.blend_start is None else args.blend_start
+    settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
+    mask = user_mask(args.mask) if args.mask else None
+
+    device, dtype = default_device_dtype()
+    device, dtype = args.device or device, DTYPES[args.dtype] if args.dtype else dtype
+    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
+          f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    torch.manual_seed(args.seed)  # only random (tiny) weights draw from it, as in train.null_text
+    pipe = Pipeline.load(cfg, weights, device, dtype)
+    if args.embeds:
+        pipe.add_concepts(args.embeds)
+    progress = not args.quiet
+
+    steps, guidance, photo, uncond = args.steps or 50, args.guidance or 7.5, None, None
+    if args.inversion:
+        inv = load_inversion(args.inversion, pipe, args.steps)
+        if inv.prompt != args.prompt:
+            raise ValueError(f"{args.inversion} was inverted with the prompt {inv.prompt!r}: give "
+                             "that prompt as the source prompt")
+        steps, guidance = inv.steps, args.guidance or inv.guidance
+        x_T, uncond = inv.x_T, inv.uncond
+    elif args.image:
+        photo = to_pil(load_image(args.image, h, w))[0]
+        latent = pipe.encode(args.image, h, w)
+        inv = invert(pipe, latent, args.prompt, steps, guidance, fast=args.fast,
+                     progress=progress)
+        x_T, uncond = inv.x_T, inv.uncond
+    else:
+        x_T = pipe.noise(1, h, w, args.seed)
+    latent_hw = tuple(x_T.shape[2:])
+    pair = Pair(args.prompt, target, args.subject, args.concept, x_T, uncond)
+
+    recorder = args.heatmap or args.layout
+    ctrl = control(pipe, [pair], settings, args.explicit, mask,
+                   **({"kind": Recorder, "latent_hw": latent_hw,
+                       "layout_level": 1 if args.layout else None} if recorder else {}))
+    latents, ctrl = run(pipe, [pair], settings, steps, guidance, args.explicit, mask,
+                        args.negative, ctrl, progress)
+    source, swapped = to_pil(pipe.decode(latents))
+    pictures = {"swap.png": swapped, "source.png": source}
+    row = [label(photo, "photo")] if photo else []
+    caption = f"{args.method}: {', '.join(args.concept)}"
+    row += [label(source, "source"), label(swapped, caption)]
+    pictures["grid.png"] = grid([row])
+    if args.heatmap:
+        heat = normalise(ctrl.heat.float()).cpu()
+        pictures["heat.png"] = grid([[label(overlay(source, heat[0]), " ".join(args.subject)),
+                                      label(overlay(swapped, heat[1]), " ".join(args.concept))]])
+    if args.layout:
+        hw = Site("layout", "self", "any", 1).shape(latent_hw)
+        rgb = to_pil(layout_rgb(ctrl.layout, hw))
+        size = source.size
+        pictures["layout.png"] = grid([[label(im.resize(size, Image.Resampling.NEAREST), name)
+                                        for im, name in zip(rgb, ("source", "swap"))]])
+    if args.sweep_phi:
+        cells = sweep(pipe, pair, settings, args.sweep_phi, args.sweep_a, steps, guidance,
+                      args.explicit, mask, progress)
+        pictures["sweep.png"] = grid([[label(to_pil(pipe.decode(z))[0], f"phi {p} A {a}")
+                                       for p, a, z in row] for row in cells])
+
+    record = {"source": args.prompt, "target": target, "subject": args.subject,
+              "concept": args.concept, "method": args.method, "preset": args.preset,
+              "settings": asdict(settings), "steps": steps, "guidance": guidance,
+              "seed": None if args.image or args.inversion else args.seed,
+              "image": str(args.image) if args.image else None,
+              "inversion": str(args.inversion) if args.inversion else None,
+              "inverted": inv.method if args.image or args.inversion else None,
+              "mask": str(args.mask) if args.mask else None, "explicit": args.explicit,
+              "model": cfg.name,
+              "weights": str(weights) if weights else None, "dtype": str(dtype),
+              "size": [h, w], "seconds": round(time.time() - started, 2)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, image in pictures.items():
+        save_image(image, args.out / name)
+    with atomic_write(args.out / "settings.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {', '.join(pictures)} and settings.json to {args.out}", file=sys.stderr)
+    return 0

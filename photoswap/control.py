@@ -1,0 +1,258 @@
+"""The swap control: Photoswap's three attention swaps and local blend on sd's control interface.
+
+Photoswap (Gu et al. 2023, arXiv:2305.18286, Algorithm 1): a source and a target branch start
+from the same x_T; at step i the target branch takes from the source
+
+    phi  the self-attention output        while i < lambda_phi
+    M    the self-attention map           while i < lambda_M
+    A    the cross-attention map          while i < lambda_A  (prompt-to-prompt's refine mapping)
+
+and runs freely afterwards. Each swap has its own window, layers and CFG half (`Swap`). Batch
+layout: the prompts are [sources..., targets...], source i paired with target i, so the UNet sees
+[uncond sources, uncond targets, cond sources, cond targets] (`sd.pipeline.rows`).
+
+Two implementations, one flag. Fused (default): no attention map is built except the subject
+tokens' cross maps for local blend at one low resolution; M is the fused kernel on
+(q_src, k_src, v_tgt) and A is two fused calls (../DESIGN.md section 3). Explicit: fp32 maps
+edited as the official code (eric-ai-lab/photoswap, swapping_class.py and utils.py) edits them.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from photoswap.align import value_mixer
+from sd.attention import Control, Site, apply_map, attention, attention_map
+from sd.pipeline import rows
+
+Window = float | tuple[int, ...]  # a fraction of the steps from the start, or explicit step indices
+
+
+def end(fraction: float, steps: int) -> int:
+    """The first step after a window of `fraction` of the steps: f * T rounded half up (Python's
+    round() would make 0.5 of 5 steps 2 but 0.5 of 7 steps 4)."""
+    return math.floor(fraction * steps + 0.5)
+
+
+def active(window: Window, step: int, steps: int) -> bool:
+    """Whether `step` (0-based) is inside the window: a fraction f covers steps i < end(f, T), so
+    0.2 of 50 steps is steps 0..9 (the paper's lambda_phi = 10) and 0.2 of 20 is 0..3. The
+    official code's phi window is `step <= int(f * 50)`: one step longer, and 50 hard-coded."""
+    if isinstance(window, (int, float)) and not isinstance(window, bool):
+        return step < end(window, steps)
+    return step in window
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Which attention sites a swap edits: places ("down", "mid", "up") and a range of levels
+    (level l attends over (latent side >> l)^2 tokens, so the rule scales with resolution)."""
+
+    places: tuple[str, ...] = ("down", "mid", "up")
+    min_level: int = 0
+    max_level: int = 99
+
+    def __call__(self, site: Site) -> bool:
+        return site.place in self.places and self.min_level <= site.level <= self.max_level
+
+
+@dataclass(frozen=True)
+class Swap:
+    window: Window = 0.0
+    layers: Layers = field(default_factory=Layers)
+    half: str = "cond"  # CFG half whose target rows are edited: "cond", "uncond" or "both"
+
+    def __post_init__(self):
+        assert self.half in ("cond", "uncond", "both"), f"unknown CFG half {self.half!r}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a swap. Defaults: the paper's preset (see PRESETS)."""
+
+    # phi: every self-attention layer, both CFG halves (official utils.py overwrites q, k, v of
+    # rows 1 and 3 of the batch [uncond src, uncond tgt, cond src, cond tgt]).
+    phi: Swap = Swap(0.2, Layers(), "both")
+    # M: layers with at most a quarter of the latent's tokens (official: <= 32^2 at 512 px, i.e.
+    # level >= 1), conditional half (official AttentionControlEdit edits attn[h // 2:] only).
+    m: Swap = Swap(0.5, Layers(min_level=1), "cond")
+    # A: every cross-attention layer, conditional half, with P2P's refine mapping.
+    a: Swap = Swap(0.4, Layers(), "cond")
+    # Local blend (official LocalBlend): from step end(blend_start, T) on, the target latent
+    # keeps the source latent outside the union of both subjects' masks; None turns it off.
+    blend_start: float | None = 0.2
+    blend_threshold: float = 0.3  # official th=(.3, .3)
+    blend_level: int = 2  # official: the 16x16 maps of a 64x64 latent (level 2)
+
+
+PRESETS: dict[str, Settings] = {
+    # Paper (Gu et al. 2023, implementation details): 50 steps, lambda_A = 20, lambda_M = 25,
+    # lambda_phi = 10; local blend as the official code (the paper does not mention it).
+    "paper": Settings(),
+    # Official notebook (real-image-swap.ipynb): cross 0.6, self-output 0.8, self-map 0.0.
+    # Its code sets M's window to M + phi (swapping_class.py), so with M 0 the M window equals
+    # phi's and phi, in the same layers, overrides it: M never acts. We keep M at 0.
+    "official": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
+                         a=Swap(0.6, Layers(), "cond")),
+}
+
+
+def p2p(settings: Settings) -> Settings:
+    """prompt-to-prompt's refine edit on the same code: A and self-map injection, no phi. Its
+    notebook refines with cross_replace_steps 0.8, self_replace_steps 0.4 and injects self maps
+    only in layers of at most 16^2 tokens at 512 px (level >= 2, replace_self_attention)."""
+    return Settings(phi=Swap(0.0), m=Swap(0.4, Layers(min_level=2), "cond"),
+                    a=Swap(0.8, Layers(), "cond"), blend_start=settings.blend_start,
+                    blend_threshold=settings.blend_threshold, blend_level=settings.blend_level)
+
+
+def no_swap(settings: Settings) -> Settings:
+    """The target prompt from the same x_T, nothing taken from the source (and no blend)."""
+    del settings  # same signature as p2p: a baseline is a function of the preset
+    return Settings(phi=Swap(0.0), m=Swap(0.0), a=Swap(0.0), blend_start=None)
+
+
+class PhotoSwap(Control):
+    """Edits the target rows of [sources, targets] batches; also the sampler's callback (blend).
+
+    mappers: per pair, (mapper [77], alphas [77]) from `align.refinement`. subjects: per pair,
+    (source token positions, target token positions) for local blend. user_mask: [pairs or 1,
+    1, h, w] in [0, 1], any size: changes are kept only inside it, at every step.
+    """
+
+    def __init__(self, settings: Settings, mappers: list[tuple[torch.Tensor, torch.Tensor]],
+                 subjects: list[tuple[list[int], list[int]]] | None = None,
+                 user_mask: torch.Tensor | None = None, explicit: bool = False):
+        super().__init__()
+        self.settings, self.explicit, self.user_mask = settings, explicit, user_mask
+        self.mixers = torch.stack([value_mixer(m, a) for m, a in mappers])  # [pairs, 77, 77]
+        self.keep = torch.stack([1 - a for _, a in mappers])  # [pairs, 77]: target's own share
+        self.mapper = torch.stack([m for m, _ in mappers])
+        self.alphas = torch.stack([a for _, a in mappers])
+        self.subjects = subjects
+        self._moved: dict = {}  # (name, device, dtype) -> tensor: one copy per device, not per call
+        self.blend_maps: torch.Tensor | None = None  # [prompts, h, w], summed over layers, steps
+
+    @property
+    def pairs(self) -> int:
+        return self.prompts // 2
+
+    def _rows(self, batch: int, half: str) -> tuple[list[int], list[int]]:
+        """(source rows, target rows) of a half, paired position by position."""
+        return rows(batch, self.prompts, half, 0, 2), rows(batch, self.prompts, half, 1, 2)
+
+    def _on_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, device, dtype)
+        if key not in self._moved:
+            self._moved[key] = getattr(self, name).to(device, dtype)
+        return self._moved[key]
+
+    def _on(self, swap: Swap, site: Site) -> bool:
+        return swap.layers(site) and active(swap.window, self.step, self.steps)
+
+    def __call__(self, q, k, v, site):
+        s, b = self.settings, q.shape[0]
+        if site.kind == "cross":
+            if self._collecting(site):
+                self._collect(q, k, site)
+            if not self._on(s.a, site):
+                return attention(q, k, v)
+            return self._cross(q, k, v, *self._rows(b, s.a.half))
+        phi = self._rows(b, s.phi.half) if self._on(s.phi, site) else ([], [])
+        m = self._rows(b, s.m.half) if self._on(s.m, site) else ([], [])
+        if not phi[0] and not m[0]:
+            return attention(q, k, v)
+        return self._self(q, k, v, phi, m)
+
+    def _self(self, q, k, v, phi, m):
+        """phi: target rows output the source rows' output; M: target rows use the source's map.
+        Where both apply phi wins (its output already carries the source's map)."""
+        m_pairs = [(src, tgt) for src, tgt in zip(*m) if tgt not in phi[1]]
+        m_src, m_tgt = [p[0] for p in m_pairs], [p[1] for p in m_pairs]
+        if self.explicit:  # official: the map is replaced; for phi q, k, v are overwritten
+            attn = attention_map(q, k)
+            attn[m_tgt] = attn[m_src]
+            attn[phi[1]] = attn[phi[0]]
+            v = v.clone()
+            v[phi[1]] = v[phi[0]]
+            return apply_map(attn, v)
+        edited = set(phi[1]) | set(m_tgt)
+        own = [r for r in range(q.shape[0]) if r not in edited]
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        out[own] = attention(q[own], k[own], v[own])
+        if m_tgt:  # softmax(q_s k_s^T) v_t without the map
+            out[m_tgt] = attention(q[m_src], k[m_src], v[m_tgt])
+        out[phi[1]] = out[phi[0]]  # source rows are never edited, so they are in `own`
+        return out
+
+    def _pair_of(self, tgt: list[int], batch: int) -> list[int]:
+        """Pair index of each target row (rows count pairs from 0 in each CFG half)."""
+        first = rows(batch, self.prompts, "both", 1, 2)
+        return [first.index(r) % self.pairs for r in tgt]
+
+    def _cross(self, q, k, v, src, tgt):
+        """A'[:, j] = alpha_j A_src[:, mapper_j] + (1 - alpha_j) A_tgt[:, j] on target rows."""
+        pair = self._pair_of(tgt, q.shape[0])
+        if self.explicit:
+            attn = attention_map(q, k)  # [B, H, N, 77] fp32
+            mapper = self._on_device("mapper", q.device, torch.long)[pair]
+            alphas = self._on_device("alphas", q.device, attn.dtype)[pair]
+            taken = torch.gather(attn[src], 3, mapper[:, None, None].expand_as(attn[src]))
+            a = alphas[:, None, None].float()
+            attn[tgt] = taken * a + attn[tgt] * (1 - a)
+            return apply_map(attn, v)
+        out = attention(q, k, v)
+        mixer = self._on_device("mixers", v.device, v.dtype)[pair]  # [T, 77, 77]
+        mixed = torch.einsum("tsj,thjd->thsd", mixer, v[tgt])  # V'_s = sum_j W_sj v_t,j
+        out[tgt] = attention(q[src], k[src], mixed)
+        keep = self._on_device("keep", v.device, v.dtype)[pair]
+        if keep.any():  # tokens new in the target keep (part of) their own map
+            out[tgt] += attention(q[tgt], k[tgt], keep[:, None, :, None] * v[tgt])
+        return out
+
+    # Local blend -------------------------------------------------------------------------------
+
+    def _collecting(self, site: Site) -> bool:
+        return (self.settings.blend_start is not None and self.subjects is not None
+                and site.level == self.settings.blend_level)
+
+    def _collect(self, q, k, site):
+        """Add the subject words' cross maps (conditional rows, before any edit) to the total."""
+        cond = rows(q.shape[0], self.prompts, "cond")
+        attn = attention_map(q[cond], k[cond]).mean(1)  # [prompts, N, 77], N small
+        picks = [s for s, _ in self.subjects] + [t for _, t in self.subjects]
+        maps = torch.stack([attn[r][:, idx].sum(-1) for r, idx in enumerate(picks)])
+        self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
+
+    def mask(self, x: torch.Tensor, step: int) -> torch.Tensor | None:
+        """[pairs, 1, h, w] float mask of where the target may differ from the source at `step`,
+        or None for anywhere."""
+        s, mask = self.settings, None
+        if (s.blend_start is not None and self.blend_maps is not None
+                and step >= end(s.blend_start, self.steps)):
+            level = Site("blend", "cross", "any", s.blend_level)
+            maps = self.blend_maps.reshape(-1, 1, *level.shape(tuple(x.shape[2:])))
+            # Official LocalBlend.get_mask: 3x3 max-pool, resize (nearest) to the latent,
+            # divide by the maximum, threshold, union of the source's and the target's masks.
+            maps = F.max_pool2d(maps, 3, 1, padding=1)
+            maps = F.interpolate(maps, size=x.shape[2:])
+            maps = maps / maps.amax((2, 3), keepdim=True).clamp_min(1e-12)
+            words = maps.gt(s.blend_threshold)
+            mask = (words[: self.pairs] | words[self.pairs :]).float()
+        if self.user_mask is not None:
+            user = F.interpolate(self.user_mask.float().to(x.device), size=x.shape[2:],
+                                 mode="bilinear", antialias=True)
+            mask = user if mask is None else mask * user
+        return mask
+
+    def callback(self, step: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        """sd's per-step callback: outside the mask the target latent is the source latent."""
+        mask = self.mask(x, step)
+        if mask is None:
+            return x
+        src, tgt = x[: self.pairs], x[self.pairs :]
+        x = x.clone()
+        x[self.pairs :] = src + mask.to(x.dtype) * (tgt - src)
+        return x

@@ -1,0 +1,91 @@
+"""Run swaps: source and target branches side by side in one batch, from one x_T per pair.
+
+    pairs = [Pair("a photo of a cat", "a photo of a sks dog", ["cat"], ["sks dog"], x_T)]
+    latents, ctrl = run(pipe, pairs, PRESETS["paper"])    # [sources..., targets...]
+
+The source branch is the source prompt from x_T (a seed's noise, or a real photo's inversion with
+its per-step null contexts): its output is the source reconstruction. Nothing here parses
+arguments or writes files (that is photoswap/__main__.py and photoswap/cli.py).
+"""
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from photoswap.align import refinement, subject_indices
+from photoswap.control import PRESETS, PhotoSwap, Settings, no_swap, p2p
+from sd.pipeline import Pipeline
+
+METHODS = ("photoswap", "p2p", "none")
+
+
+@dataclass
+class Pair:
+    source: str  # the source prompt
+    target: str  # the target prompt (the source's subject words replaced by the concept)
+    source_words: list[str]  # subject words in the source prompt (local blend, heat maps)
+    target_words: list[str]  # the concept's words in the target prompt
+    x_T: torch.Tensor  # [1, 4, h, w]
+    uncond: list[torch.Tensor] | None = None  # one [1, 77, width] context per step (null-text)
+
+
+def settings_for(method: str, preset: str = "paper", phi: float | None = None,
+                 m: float | None = None, a: float | None = None,
+                 blend_start: float | None | bool = True) -> Settings:
+    """The preset, turned into a baseline by `method`, with windows overridden where given;
+    blend_start False turns local blend off, True keeps the preset's."""
+    base = PRESETS[preset]
+    s = {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
+    for name, window in (("phi", phi), ("m", m), ("a", a)):
+        if window is not None:
+            s = replace(s, **{name: replace(getattr(s, name), window=window)})
+    if blend_start is False:
+        s = replace(s, blend_start=None)
+    elif blend_start is not True and blend_start is not None:
+        s = replace(s, blend_start=blend_start)
+    return s
+
+
+def replace_words(prompt: str, words: list[str], concepts: list[str]) -> str:
+    """The target prompt: every whole-word occurrence of each subject word replaced by its
+    concept ("a cat on a mat", ["cat"], ["sks dog"] -> "a sks dog on a mat")."""
+    table = {w.lower(): c for w, c in zip(words, concepts)}
+    alternatives = "|".join(re.escape(w) for w in sorted(table, key=len, reverse=True))
+    pattern = rf"(?<![\w<>-])({alternatives})(?![\w<>-])"  # one pass: no replacing replacements
+    return re.sub(pattern, lambda m: table[m.group(1).lower()], prompt, flags=re.IGNORECASE)
+
+
+def control(pipe: Pipeline, pairs: list[Pair], settings: Settings, explicit: bool = False,
+            user_mask: torch.Tensor | None = None, kind: type[PhotoSwap] = PhotoSwap,
+            **kw) -> PhotoSwap:
+    """The swap control for these pairs (token alignment and subject positions from the
+    tokenizer)."""
+    tok = pipe.tokenizer
+    mappers = [refinement(tok, p.source, p.target) for p in pairs]
+    subjects = [(subject_indices(tok, p.source, p.source_words),
+                 subject_indices(tok, p.target, p.target_words)) for p in pairs]
+    return kind(settings, mappers, subjects, user_mask=user_mask, explicit=explicit, **kw)
+
+
+@torch.no_grad()
+def run(pipe: Pipeline, pairs: list[Pair], settings: Settings, steps: int = 50,
+        guidance: float = 7.5, explicit: bool = False, user_mask: torch.Tensor | None = None,
+        negative: str = "", ctrl: PhotoSwap | None = None,
+        progress: bool = False) -> tuple[torch.Tensor, PhotoSwap]:
+    """Sample every pair's source and target together: latents [sources..., targets...]."""
+    ctrl = ctrl or control(pipe, pairs, settings, explicit, user_mask)
+    x = torch.cat([p.x_T for p in pairs]).to(pipe.device, pipe.dtype)
+    cond = pipe.encode_prompt([p.source for p in pairs] + [p.target for p in pairs])
+    plain = pipe.encode_prompt(negative).to(pipe.dtype)
+    if all(p.uncond is None for p in pairs):
+        uncond = plain
+    else:  # a pair's target shares its source's null contexts (as prompt-to-prompt does)
+        per_pair = [p.uncond or [plain] * steps for p in pairs]
+        if any(len(u) != steps for u in per_pair):
+            raise ValueError(f"the inversions hold {[len(u) for u in per_pair]} contexts for "
+                             f"{steps} steps: sample with the inversion's step count")
+        uncond = [torch.cat([u[i] for u in per_pair] * 2).to(pipe.dtype) for i in range(steps)]
+    latents = pipe.sample(x.repeat(2, 1, 1, 1), cond.to(pipe.dtype), uncond, steps, guidance,
+                          ctrl, progress=progress, callback=ctrl.callback)
+    return latents, ctrl

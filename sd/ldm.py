@@ -1,0 +1,121 @@
+"""Layout B, an original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}), renamed
+to diffusers keys as diffusers' convert_original_stable_diffusion script does. It holds
+`model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and `cond_stage_model.model.` (the
+24-block OpenCLIP text tower) keys."""
+
+import re
+from pathlib import Path
+
+import torch
+
+from sd.config import ModelConfig
+from sd.weights import WeightsError
+
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.model."}
+
+
+def _resnet(rest: str) -> str:
+    for old, new in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+                     ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"),
+                     ("skip_connection", "conv_shortcut"), ("nin_shortcut", "conv_shortcut")):
+        rest = rest.replace(old, new)
+    return rest
+
+
+def _unet_key(k: str, layers: int) -> str:
+    """One LDM UNet key -> its diffusers name (layers: resnets per down block)."""
+    fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    for old, new in fixed.items():
+        if k.startswith(old + "."):
+            return new + k[len(old):]
+    if m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", k):
+        i, sub, rest = int(m[1]) - 1, int(m[2]), m[3]
+        b, j = divmod(i, layers + 1)
+        if j == layers:  # the slot after a block's resnets holds its downsampler
+            return f"down_blocks.{b}.downsamplers.0.conv.{rest.removeprefix('op.')}"
+        kind = "resnets" if sub == 0 else "attentions"
+        return f"down_blocks.{b}.{kind}.{j}.{_resnet(rest) if sub == 0 else rest}"
+    if m := re.match(r"middle_block\.(\d)\.(.*)", k):
+        sub, rest = int(m[1]), m[2]
+        if sub == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return f"mid_block.resnets.{sub // 2}.{_resnet(rest)}"
+    if m := re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", k):
+        b, j = divmod(int(m[1]), layers + 1)
+        sub, rest = int(m[2]), m[3]
+        if re.fullmatch(r"conv\.(weight|bias)", rest):
+            return f"up_blocks.{b}.upsamplers.0.{rest}"
+        kind = "resnets" if sub == 0 else "attentions"
+        return f"up_blocks.{b}.{kind}.{j}.{_resnet(rest) if sub == 0 else rest}"
+    raise WeightsError(f"unexpected UNet key {k!r} in the checkpoint")
+
+
+def _vae_key(k: str, levels: int) -> str:
+    k = re.sub(r"encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
+    k = re.sub(r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
+    # LDM numbers decoder levels from the lowest resolution up; diffusers from the top down.
+    k = re.sub(r"decoder\.up\.(\d+)\.block\.",
+               lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", k)
+    k = re.sub(r"decoder\.up\.(\d+)\.upsample\.",
+               lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", k)
+    k = re.sub(r"mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}.", k)
+    k = re.sub(r"mid\.attn_1\.(q|k|v)\.", r"mid_block.attentions.0.to_\1.", k)
+    for old, new in (("mid.attn_1.norm.", "mid_block.attentions.0.group_norm."),
+                     ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0."),
+                     ("norm_out.", "conv_norm_out.")):
+        k = k.replace(old, new)
+    return _resnet(k)
+
+
+def _text(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """OpenCLIP text tower -> CLIPTextModel names, keeping the first `layers` blocks."""
+    out = {"embeddings.token_embedding.weight": sd.pop("token_embedding.weight"),
+           "embeddings.position_embedding.weight": sd.pop("positional_embedding")}
+    for k, v in sd.items():
+        if k in ("text_projection", "logit_scale"):  # the contrastive head, unused by SD
+            continue
+        if k.startswith("ln_final."):
+            out["final_layer_norm." + k.split(".")[-1]] = v
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", k)
+        if not m:
+            raise WeightsError(f"unexpected text encoder key {k!r} in the checkpoint")
+        n, rest = int(m[1]), m[2]
+        if n >= layers:  # SD 2.x uses the penultimate block's output: block 23 is never run
+            continue
+        p = f"encoder.layers.{n}."
+        if rest.startswith("attn.in_proj_"):  # q, k and v stacked in that order
+            kind = rest.split("_")[-1]
+            for name, part in zip(("q", "k", "v"), v.chunk(3, dim=0)):
+                out[f"{p}self_attn.{name}_proj.{kind}"] = part
+            continue
+        for old, new in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                         ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
+            rest = rest.replace(old, new)
+        out[p + rest] = v
+    return out
+
+
+def convert(sd: dict[str, torch.Tensor], cfg: ModelConfig, file: Path) -> dict[str, dict]:
+    """Split an original single-file checkpoint into diffusers-named state dicts."""
+    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        raise WeightsError(f"{file}: this is an SD 1.x checkpoint (CLIP ViT-L text encoder, "
+                           "cross-attention width 768). This project runs SD 2.1 (OpenCLIP "
+                           "ViT-H, width 1024): use v2-1_512-ema-pruned or v2-1_768-ema-pruned.")
+    # Anything outside the three prefixes is the training schedule (betas, alphas_cumprod, ...)
+    # or EMA bookkeeping: recomputed or unused here.
+    parts = {name: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+             for name, p in PREFIXES.items()}
+    if not all(parts.values()):
+        missing = [PREFIXES[n] for n, p in parts.items() if not p]
+        raise WeightsError(f"{file}: not an SD 2.1 single-file checkpoint: no keys under "
+                           f"{', '.join(missing)}. Pass a diffusers folder or an original "
+                           "v2-1_*-ema-pruned checkpoint.")
+    layers = cfg.unet.layers_per_block
+    levels = len(cfg.vae.channels)
+    # the VAE's mid-block attention comes out in the old layout: sd.weights._tidy renames it
+    return {"unet": {_unet_key(k, layers): v for k, v in parts["unet"].items()},
+            "vae": {_vae_key(k, levels): v for k, v in parts["vae"].items()},
+            "text_encoder": _text(parts["text_encoder"], cfg.text.layers)}

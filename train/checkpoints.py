@@ -1,0 +1,106 @@
+"""Checkpoints: out/checkpoint-N/ folders that an interrupted save never destroys, the `latest`
+pointer, resuming bit for bit, and pruning old ones.
+
+A checkpoint holds what the trainer writes (the trained weights) and state.pt, everything else a
+bit-exact resume needs (step, optimizer, GradScaler, random states). It is written as
+checkpoint-N.tmp/ and renamed when complete (sd.files.atomic_folder); `latest` is replaced
+atomically after that. A save killed at any point leaves the previous checkpoint and a `latest`
+that names it.
+"""
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd.files import atomic_folder, atomic_write
+from sd.weights import FILES, read
+from train import UsageError
+
+
+def save(out: Path, step: int, write: Callable[[Path], None], state: dict,
+         keep: int | None = None) -> Path:
+    """out/checkpoint-N from `write(folder)` and `state`, then `latest`; then, with `keep`, all
+    but the newest `keep` complete checkpoints are removed."""
+    final = out / f"checkpoint-{step}"
+    with atomic_folder(final) as tmp:
+        write(tmp)
+        torch.save(state, tmp / "state.pt")
+    with atomic_write(out / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
+    if keep:
+        prune(out, keep)
+    return final
+
+
+def complete(out: Path) -> list[Path]:
+    """The complete checkpoints in `out`, oldest first (NAME.tmp/ is an interrupted save)."""
+    found = [f for f in out.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", f.name) and (f / "state.pt").is_file()]
+    return sorted(found, key=lambda f: int(f.name.split("-")[1]))
+
+
+def prune(out: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints, never the one `latest` names."""
+    latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+    for folder in complete(out)[:-keep]:
+        if folder.name != latest:
+            shutil.rmtree(folder)
+
+
+def find(out: Path, resume: str) -> Path:
+    """--resume: a checkpoint folder, or "latest" (the one out/latest names)."""
+    if resume == "latest":
+        pointer = out / "latest"
+        if not pointer.is_file():
+            raise UsageError(f"--resume latest: no checkpoint in {out} (no {pointer}); pass the "
+                             "same -o as the interrupted run, or a checkpoint folder")
+        folder = out / pointer.read_text().strip()
+    else:
+        folder = Path(resume)
+    if not (folder / "state.pt").is_file():
+        raise UsageError(f"--resume: {folder} is not a checkpoint (no state.pt in it)")
+    return folder
+
+
+def expect(folder: Path, files: list[str], what: str) -> None:
+    """Refuse to resume from a checkpoint whose weight files are not exactly `files`."""
+    found = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors"))
+    if found != sorted(files):
+        raise UsageError(f"--resume {folder}: it holds {', '.join(found) or 'no weights'}, but "
+                         f"this run trains {what}; resume with the options it was made with, "
+                         "or start afresh with another -o")
+
+
+def training_state(step: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   gen: torch.Generator) -> dict:
+    """Everything besides the weights that a bit-exact resume needs; tensors and plain types
+    only, so it loads with torch.load(weights_only=True)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"data": gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
+
+
+def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            gen: torch.Generator) -> int:
+    """Load a training_state() from a checkpoint folder; returns its step."""
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty when saved without fp16
+        scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["rng"]["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def load_modules(folder: Path, **modules: nn.Module) -> None:
+    """Load components saved by sd.weights.save (full precision) back into modules, strictly."""
+    for name, module in modules.items():
+        sd = read(folder / f"{FILES[name]}.safetensors")
+        # save() writes the text encoder with transformers' "text_model." prefix
+        module.load_state_dict({k.removeprefix("text_model."): v for k, v in sd.items()})

@@ -1,0 +1,252 @@
+"""The one training loop, and what it runs on: the (optionally distributed) run, the denoising
+loss, the learning-rate schedule and the optimizer step.
+
+DreamBooth (train/finetune.py) and textual inversion (train/embedding.py) both teach SD a concept
+from a handful of images with the LDM training loss; they differ only in which parameters learn,
+the text paired with each image, and what they export. `fit` is the rest: gradient accumulation,
+autocast and the fp16 GradScaler, clipping, AdamW, checkpoints and resuming, validation images,
+and the DDP barriers; each trainer hands it a loss function and its own checkpoint contents.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sd import ddim
+from sd.config import DTYPES, ModelConfig, preset
+from sd.images import grid, save_image
+from sd.pipeline import Pipeline, pick_device
+from sd.weights import WeightsError, resolve
+from train import UsageError, checkpoints
+from train.dataset import Draw
+
+
+@dataclass
+class Run:
+    """This process's place in the run: rank 0 of 1 unless launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    quiet: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def say(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message, file=sys.stderr)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel (gradients averaged over ranks) when there are several ranks.
+        No buffer sync per forward: no module here has running statistics, and textual
+        inversion's frozen rows are a 200 MB buffer that would otherwise be sent every step."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, ids, forward_sync_buffers=False)
+
+    def accumulating(self, model: nn.Module, yes: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        return model.no_sync() if yes and self.world > 1 else nullcontext()
+
+    def autocast(self, precision: str):
+        """Mixed precision over the fp32 master weights (fp32: a no-op)."""
+        dtype = DTYPES[precision]  # "fp32", "bf16", "fp16", as `python -m sd --dtype`
+        return torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32)
+
+
+def start(device: str | None, quiet: bool) -> Run:
+    """One process, or this process's rank in a torchrun launch (torchrun passes RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment: its interface).
+    NCCL on CUDA, gloo on CPU."""
+    try:
+        chosen = pick_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if "RANK" not in os.environ:
+        return Run(device=chosen, quiet=quiet)
+    cuda = chosen.type == "cuda"
+    d = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(d)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Run(dist.get_rank(), dist.get_world_size(), d, quiet)
+
+
+def finish(run: Run) -> None:
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class Denoiser(nn.Module):
+    """Text encoder + UNet as one module, so DDP sees every trained parameter in one forward."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """`text`: token ids [B, 77] if this holds a text encoder, else a context [B, 77, width]."""
+        context = text if self.text_encoder is None else self.text_encoder(text)
+        return self.unet(x, t, context)  # ctrl=None: the fused attention kernel
+
+
+def denoising_loss(model: nn.Module, vae: nn.Module, cfg: ModelConfig, ac: torch.Tensor,
+                   images: torch.Tensor, text: torch.Tensor, d: Draw) -> torch.Tensor:
+    """Per-row MSE of the UNet output against eps (or v for v-models): LDM eq. 3, DDPM eq. 14;
+    v = sqrt(a) eps - sqrt(1-a) x0 from Salimans & Ho 2022, as diffusers' train_dreambooth.py."""
+    with torch.no_grad():  # the VAE is frozen: its latents are data
+        post = vae.encode(images)
+        # Posterior.sample() with noise from the Draw, so every rank and a resume agree
+        latents = ((post.mean + post.std * d.sample.to(post.mean)) * cfg.vae.scaling).float()
+    noise, t = d.noise.to(latents), d.t.to(latents.device)
+    target = noise if cfg.schedule.prediction == "epsilon" else ddim.velocity(latents, noise, t, ac)
+    out = model(ddim.add_noise(latents, noise, t, ac), t, text)
+    return F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+
+
+def lr_at(base: float, step: int, warmup: int) -> float:
+    """Constant after a linear warmup (diffusers' constant_with_warmup, one step earlier: step 0
+    trains at base / warmup, not 0). Independent of --steps, so a run can be extended."""
+    return base * min(1.0, (step + 1) / warmup) if warmup else base
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
+                   max_norm: float, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(opt)  # clip the true gradients, not the fp16 loss-scaled ones
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class Settings:
+    """How `fit` optimises: the trainers' shared options (train.options.add_arguments)."""
+
+    out: Path  # checkpoints and validation images go here
+    steps: int
+    lr: float
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "fp32"  # autocast dtype over fp32 master weights; fp16 adds a GradScaler
+    checkpoint_every: int = 0  # and at the end
+    keep: int = 0  # the newest checkpoints kept (0: all)
+    validate_every: int = 0  # 0: never
+    resume: str | None = None  # "latest" or a checkpoint folder
+    seed: int = 0  # of the data generator the loss draws from
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Settings":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
+        loss: Callable[[nn.Module, torch.Generator, int], torch.Tensor],
+        write: Callable[[Path], None], load: Callable[[Path], None],
+        preview: Callable[[Path], None] | None = None, desc: str = "training") -> list[float]:
+    """AdamW on `params` for s.steps steps of s.grad_accum micro-batches; each step's mean loss.
+
+    loss(model, gen, micro): the loss of micro-batch number `micro`, whose random numbers come
+    from `gen` (the data generator checkpoints save); `model` is DDP-wrapped when distributed.
+    write(folder), load(folder): the trained weights into and out of a checkpoint folder.
+    preview(file): writes a validation image, every s.validate_every steps.
+    """
+    # diffusers' example trainers: AdamW betas (0.9, 0.999), eps 1e-8, weight decay 1e-2
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=s.precision == "fp16")
+    gen = torch.Generator().manual_seed(s.seed)
+    first = 0
+    if s.resume:
+        folder = checkpoints.find(s.out, s.resume)
+        load(folder)
+        first = checkpoints.restore(folder, opt, scaler, gen)
+        run.say(f"resumed from {folder} at step {first}")
+    ddp = run.wrap(model)
+    losses = []
+    bar = tqdm(range(first, s.steps), initial=first, total=s.steps, desc=desc,
+               disable=s.quiet or not run.main)
+    for step in bar:
+        total = 0.0
+        for a in range(s.grad_accum):
+            with run.accumulating(ddp, a < s.grad_accum - 1):
+                with run.autocast(s.precision):
+                    value = loss(ddp, gen, step * s.grad_accum + a)
+                scaler.scale(value / s.grad_accum).backward()
+            total += value.item() / s.grad_accum
+        optimizer_step(opt, scaler, params, s.max_grad_norm, lr_at(s.lr, step, s.warmup_steps))
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        keep = done == s.steps or (s.checkpoint_every and done % s.checkpoint_every == 0)
+        look = preview and s.validate_every and done % s.validate_every == 0
+        if run.main and keep:
+            checkpoints.save(s.out, done, write,
+                             checkpoints.training_state(done, opt, scaler, gen), s.keep)
+        if run.main and look:
+            with run.autocast(s.precision):
+                preview(s.out / f"validation-{done}.png")
+        if keep or look:
+            run.barrier()  # the other ranks wait for rank 0's checkpoint or validation
+    return losses
+
+
+def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
+    """A trainer's start, before anything loads: the run (--device checked), the preset (absent
+    weights: how to download them), and the side of the training images."""
+    run = start(args.device, args.quiet)
+    try:
+        cfg = resolve(args.model, args.weights)[0]
+    except WeightsError as e:
+        raise UsageError(str(e)) from None
+    side = args.resolution or cfg.resolution
+    if side % cfg.vae.factor:
+        raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
+    return run, cfg, side
+
+
+def load(args: argparse.Namespace, run: Run, cfg: ModelConfig) -> Pipeline:
+    """load_pipeline for a trainer, announced with a `model:` line as every CLI does."""
+    run.say(f"model: {cfg.name} ({cfg.schedule.prediction}) on {run.device}, fp32 weights")
+    return load_pipeline(args.model, args.weights, run.device, args.seed)
+
+
+def load_pipeline(model: str, weights: Path | None, device: torch.device, seed: int) -> Pipeline:
+    """fp32 master weights; `--model tiny` without --weights: random tiny weights from `seed`."""
+    if model == "tiny" and weights is None:
+        with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
+            torch.manual_seed(seed)
+            return Pipeline.load(preset("tiny"), None, device, torch.float32)
+    try:
+        cfg, weights, _ = resolve(model, weights)
+    except WeightsError as e:
+        raise UsageError(str(e)) from None
+    return Pipeline.load(cfg, weights, device, torch.float32)
+
+
+def validate(pipe: Pipeline, prompt: str, file: Path, steps: int) -> None:
+    """Two images of `prompt` side by side, from the same seeds every time (so comparable)."""
+    images = pipe([prompt, prompt], steps=steps, seed=0)
+    save_image(grid([images]), file)  # atomic: written beside, then renamed
