@@ -94,3 +94,12 @@ def test_concepts_are_new_to_pretraining():
             flat = [np.abs(paint - c).sum(1) < 30 for c in COLOURS.values()]
             assert max(f.mean() for f in flat) < 0.9, f"{name} looks like a plain subject"
     assert concepts.prompt("dotted-star") == "a photo of sks star"
+
+
+def test_concept_references_written_as_an_image_folder(tmp_path):
+    files = concepts.write("notched-ring", tmp_path)
+    assert [f.name for f in sorted(tmp_path.iterdir())] == [f.name for f in files]
+    from PIL import Image
+
+    first = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert np.array_equal(first, concepts.references("notched-ring")[0][0])
