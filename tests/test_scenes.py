@@ -1,4 +1,4 @@
-"""The toy world's scene generator: determinism, exact masks, disjoint splits, parseable captions."""
+"""The toy world's scenes: determinism, exact masks, disjoint splits, parseable captions."""
 
 import numpy as np
 import pytest

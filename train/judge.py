@@ -88,7 +88,8 @@ def load(file: str | Path) -> Judge:
     """A trained judge from a .safetensors file (weights/toy/judge.safetensors) or a .pt file."""
     judge = Judge()
     file = Path(file)
-    state = load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+    safe = file.suffix == ".safetensors"
+    state = load_file(file) if safe else torch.load(file, weights_only=True)
     judge.load_state_dict(state)
     return judge.eval()
 

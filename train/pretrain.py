@@ -278,7 +278,8 @@ def export(run_dir: Path, out: Path) -> dict:
     model.load_state_dict(torch.load(run_dir / "unet" / "checkpoint.pt", weights_only=False)["ema"])
     save(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
     (out / "MODEL").write_text("preset=toy\n")
-    return {"folder": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+    files = [f for f in out.rglob("*") if f.is_file()]
+    return {"folder": str(out), "bytes": sum(f.stat().st_size for f in files)}
 
 
 if __name__ == "__main__":
