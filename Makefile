@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all mutants run weights bench clean swap toy-weights
+.PHONY: test test-all mutants run weights bench toy clean swap toy-weights
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -38,10 +38,11 @@ CONCEPT ?= square
 SWAP_ARGS ?=
 
 toy-weights:
-	@test -e "$(SWAP_WEIGHTS)" || { \
-	  echo "make swap: no model at $(SWAP_WEIGHTS)/. Provide the toy model there (a diffusers-layout" \
-	       "folder: unet/, vae/, text_encoder/ with their config.json and safetensors; it is being" \
-	       "trained and is not shipped yet), or swap with SD 2.1: make weights, then" \
+	@test -f "$(SWAP_WEIGHTS)" -o -e "$(SWAP_WEIGHTS)/unet" || { \
+	  echo "make swap: no model at $(SWAP_WEIGHTS)/ (no unet/ there). Provide the toy model there (a" \
+	       "diffusers-layout folder: unet/, vae/, text_encoder/ with their config.json and" \
+	       "safetensors; weights/toy has its VAE, its UNet is being trained: make toy retrains it" \
+	       "all), or swap with SD 2.1: make weights, then" \
 	       "make swap SWAP_WEIGHTS=weights/sd2.1-base SWAP_PROMPT='a photo of a cat' SUBJECT=cat" \
 	       "CONCEPT='sks dog' (a DreamBooth'd folder, or add SWAP_ARGS='--embeds FILE')." >&2; \
 	  exit 1; }
@@ -52,6 +53,11 @@ swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (swap.png, source.png, g
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules
+
+TOYRUN ?= out/toyrun
+toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (about 2 CPU hours; resumable)
+	$(BIN)/python -m train.judge -o $(TOYRUN)/judge.pt
+	$(BIN)/python -m train.pretrain all --run $(TOYRUN) -o weights/toy
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -166,7 +166,8 @@ def diffusers_config(cfg: ModelConfig, name: str) -> dict:
     """The config.json diffusers/transformers need to load a saved component."""
     u, v, t = cfg.unet, cfg.vae, cfg.text
     if name == "unet":
-        return {"_class_name": "UNet2DConditionModel", "sample_size": cfg.resolution // 8,
+        return {"_class_name": "UNet2DConditionModel",
+                "sample_size": cfg.resolution // cfg.vae.factor,  # latent side (toy: factor 4)
                 "in_channels": u.in_channels, "out_channels": u.out_channels,
                 "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D"
                                      for a in u.attention],

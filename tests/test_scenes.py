@@ -1,0 +1,105 @@
+"""The toy world's scenes: determinism, exact masks, disjoint splits, parseable captions."""
+
+import numpy as np
+import pytest
+
+from train import concepts, scenes
+from train.scenes import COLOURS, HELD_OUT, PATTERNS, SHAPES
+
+
+def test_same_seed_same_scene_and_pixels():
+    a, b = scenes.train_scene(7), scenes.train_scene(7)
+    assert a == b
+    for x, y in zip(scenes.render(a), scenes.render(b)):
+        assert np.array_equal(x, y)
+    assert scenes.train_scene(8) != a
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_masks_are_exact(index):
+    scene = scenes.test_scene(index, two=0.5)
+    image, masks, bg = scenes.render(scene)
+    assert masks.shape == (len(scene.subjects), 64, 64) and masks.any(axis=(1, 2)).all()
+    assert not (masks.sum(0) > 1).any(), "subject masks overlap"
+    for s, mask in zip(scene.subjects, masks):
+        full = scenes.coverage(s) == 1.0  # pixels the subject covers entirely
+        inside = full & mask
+        assert inside.sum() > 0.5 * mask.sum()
+        assert (image[inside] == COLOURS[s.colour]).all()
+    outside = ~masks.any(0)
+    touched = sum(scenes.coverage(s) > 0 for s in scene.subjects) > 0
+    assert np.array_equal(image[outside & ~touched], bg[outside & ~touched])
+    assert np.abs(image.astype(int) - bg).sum(-1)[outside].mean() < 4  # only edge pixels differ
+
+
+def test_background_is_the_scene_without_subjects():
+    scene = scenes.train_scene(3)
+    empty = scenes.Scene((), scene.background, scene.pattern, scene.period, scene.direction)
+    image, masks, bg = scenes.render(empty)
+    assert masks.shape == (0, 64, 64) and np.array_equal(image, bg)
+    assert np.array_equal(bg, scenes.render(scene)[2])
+
+
+def test_held_out_combinations_never_reach_training():
+    train = [scenes.train_scene(i) for i in range(600)]
+    test = [scenes.test_scene(i) for i in range(600)]
+    assert not any(scenes.held_out(s) for s in train)
+    assert sum(scenes.held_out(s) for s in test) > 5  # the held-out split does contain them
+    pairs = {(s.shape, sc.background) for sc in train for s in sc.subjects}
+    assert not pairs & HELD_OUT
+    # Seed ranges: training draws seeds below TEST_SEED, the held-out split from it up.
+    with pytest.raises(AssertionError):
+        scenes.train_scene(scenes.TEST_SEED // 64)
+
+
+def test_training_covers_every_attribute():
+    train = [scenes.train_scene(i) for i in range(600)]
+    subjects = [s for sc in train for s in sc.subjects]
+    assert {s.shape for s in subjects} == set(SHAPES)
+    assert {s.colour for s in subjects} == set(COLOURS)
+    assert {sc.background for sc in train} == set(COLOURS)
+    assert {sc.pattern for sc in train} == set(PATTERNS)
+    assert all(s.colour != sc.background for sc in train for s in sc.subjects)
+    assert 0.1 < np.mean([len(sc.subjects) == 2 for sc in train]) < 0.4
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_captions_parse_back(index):
+    scene = scenes.test_scene(index, two=0.5)
+    text = scenes.caption(scene)
+    assert text.startswith("a photo of ") and text.endswith(" background")
+    got = scenes.parse(text)
+    assert got["subjects"] == [(s.colour, s.shape) for s in scene.subjects]
+    assert (got["background"], got["pattern"]) == (scene.background, scene.pattern)
+
+
+def test_caption_reads_naturally():
+    s = scenes.Subject("circle", "orange", 30, 30, 10, 0)
+    scene = scenes.Scene((s, scenes.Subject("star", "red", 10, 10, 5, 0)), "blue", "striped")
+    text = "a photo of an orange circle and a red star on a blue striped background"
+    assert scenes.caption(scene) == text
+    assert scenes.caption(scenes.Scene((s,), "white", "solid")).endswith("on a white background")
+
+
+def test_concepts_are_new_to_pretraining():
+    assert len(concepts.CONCEPTS) >= 3
+    for name, (word, subject) in concepts.CONCEPTS.items():
+        refs = concepts.references(name)
+        assert 4 <= len(refs) <= 6 and word in SHAPES and subject.shape == word
+        poses = {concepts.concept_scene(name, i).subjects[0].angle for i in range(len(refs))}
+        assert len(poses) == len(refs)
+        for image, mask in refs:
+            paint = image[mask].reshape(-1, 3)
+            # Either a colour no scene uses, or two colours inside one subject: a texture.
+            flat = [np.abs(paint - c).sum(1) < 30 for c in COLOURS.values()]
+            assert max(f.mean() for f in flat) < 0.9, f"{name} looks like a plain subject"
+    assert concepts.prompt("dotted-star") == "a photo of sks star"
+
+
+def test_concept_references_written_as_an_image_folder(tmp_path):
+    files = concepts.write("notched-ring", tmp_path)
+    assert [f.name for f in sorted(tmp_path.iterdir())] == [f.name for f in files]
+    from PIL import Image
+
+    first = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert np.array_equal(first, concepts.references("notched-ring")[0][0])

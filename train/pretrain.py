@@ -1,0 +1,286 @@
+"""Pretraining of the toy model (sd.config.TOY) on the toy world: the VAE, then text encoder + UNet.
+
+    python -m train.pretrain vae  --run /work/toyrun            # stage 1 (resumes if interrupted)
+    python -m train.pretrain unet --run /work/toyrun            # stage 2, on stage 1's VAE
+    python -m train.pretrain export --run /work/toyrun -o weights/toy
+
+Each stage is (a loss function, its parameters, what to save) run by `train.toyloop.run`, which
+checkpoints atomically and resumes bit for bit from (step, model, optimiser, EMA, generators).
+Recipe choices and the measurements behind them: weights/toy/README.md.
+"""
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sd import ddim
+from sd.config import TOY, ModelConfig
+from sd.clip import TextEncoder
+from sd.pipeline import Pipeline, to_pil
+from sd.tokenizer import Tokenizer
+from sd.unet import UNet
+from sd.vae import VAE
+from sd.weights import Models, save
+from torch import nn
+from train import judge as judgelib
+from train import scenes, toydata, toyloop
+
+
+# ---------------------------------------------------------------------------------- the VAE
+
+def vae_loss(vae: VAE, x: torch.Tensor, g: torch.Generator, kl_weight: float) -> tuple:
+    """L1 + MSE reconstruction of a sampled latent, plus a KL pull towards N(0, 1) (LDM's
+    AutoencoderKL loss without its GAN and LPIPS terms: flat-colour scenes need neither)."""
+    post = vae.encode(x)
+    rec = vae.decode(post.sample(g))
+    kl = 0.5 * (post.mean**2 + post.std**2 - 1 - 2 * post.std.log()).sum((1, 2, 3)).mean()
+    loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * kl
+    return loss, {"kl": kl.item()}
+
+
+@torch.no_grad()
+def vae_psnr(vae: VAE, images: torch.Tensor, batch: int = 64) -> tuple[float, float]:
+    """(mean PSNR in dB of posterior-mean reconstructions of full scenes, latent std)."""
+    vae.eval()
+    zs = torch.cat([vae.encode(images[i : i + batch]).mean for i in range(0, len(images), batch)])
+    rec = torch.cat([vae.decode(zs[i : i + batch]) for i in range(0, len(zs), batch)])
+    vae.train()
+    return toydata.psnr(rec, images).mean().item(), zs.std().item()
+
+
+# ---------------------------------------------------------------------------------- the UNet
+
+@torch.no_grad()
+def encode_pool(vae: VAE, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, ...]:
+    """Posterior (mean, std) of every image: the UNet stage samples latents from these."""
+    vae.eval()
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(toydata.to_tensor(images[i : i + batch]))
+        means.append(post.mean.half())
+        stds.append(post.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def token_ids(captions: list[str], cfg: ModelConfig) -> torch.Tensor:
+    tok = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+    return torch.cat([tok(captions[i : i + 512]) for i in range(0, len(captions), 512)])
+
+
+def diffusion_loss(model: nn.Module, batch: dict, g: torch.Generator, cfg: ModelConfig,
+                   drop: float, snr_gamma: float | None) -> tuple:
+    """The LDM training loss: noise a latent to a random timestep, predict the noise (or v).
+
+    Captions are replaced by the empty prompt with probability `drop`, so the model also learns
+    the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). With
+    `snr_gamma`, each timestep's loss is weighted by min(SNR, gamma) / SNR (Min-SNR, Hang et al.
+    2023, eq. 9 for epsilon), which stops the easy low-noise steps from dominating the gradient.
+    """
+    ac = batch["ac"]
+    z = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g))
+    z = z.float() * cfg.vae.scaling
+    b = z.shape[0]
+    ids = torch.where((torch.rand(b, generator=g) < drop)[:, None], batch["empty"], batch["ids"])
+    t = torch.randint(cfg.schedule.train_steps, (b,), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    x = ddim.add_noise(z, noise, t, ac)
+    out = model.unet(x, t, model.text_encoder(ids))
+    v = cfg.schedule.prediction == "v"
+    target = ddim.velocity(z, noise, t, ac) if v else noise
+    per = ((out.float() - target) ** 2).mean((1, 2, 3))
+    if snr_gamma is not None:
+        snr = ac[t] / (1 - ac[t])
+        per = per * (snr.clamp(max=snr_gamma) / (snr + 1 if v else snr))
+    return per.mean(), {}
+
+
+def latent_batch(data: dict, size: int, g: torch.Generator) -> dict:
+    i = torch.randint(len(data["mean"]), (size,), generator=g)
+    # No flips: the VAE pads asymmetrically, so a mirrored latent is not the mirrored image's.
+    return {"mean": data["mean"][i], "std": data["std"][i], "ids": data["ids"][i],
+            "empty": data["empty"],
+            "ac": data["ac"]}
+
+
+def toy_config(scaling: float) -> ModelConfig:
+    return replace(TOY, vae=replace(TOY.vae, scaling=scaling))
+
+
+VAE_RECIPE = dict(steps=4000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192)
+
+
+def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
+    r = VAE_RECIPE
+    torch.manual_seed(seed)
+    images, _ = toydata.pool("train", r["pool"], run_dir, progress)
+    test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
+    vae = VAE(TOY.vae)
+
+    def loss(model, g):
+        return vae_loss(model, toydata.crops(images, r["batch"], r["crop"], g), g, r["kl"])
+
+    def evaluate(model, step):
+        psnr, std = vae_psnr(model, test)
+        return {"psnr": psnr, "latent_std": std}
+
+    sched = toyloop.Schedule(r["steps"], r["lr"], warmup=100, every=250)
+    vae = toyloop.run(run_dir / "vae", vae, loss, sched, seed, evaluate, progress)
+    finish_vae(run_dir, vae, images, test)
+    return vae
+
+
+@torch.no_grad()
+def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) -> dict:
+    """Save the VAE and its latent scale: 1 / std of sampled latents of training scenes, so the
+    UNet sees unit-variance latents (as SD's 0.18215; Rombach et al. 2022, sec. 4.3.2)."""
+    mean, std = encode_pool(vae, images[:2048])
+    g = torch.Generator().manual_seed(0)
+    z = mean.float() + std.float() * torch.randn(mean.shape, generator=g)
+    psnr, _ = vae_psnr(vae, test)
+    stats = {"latent_std": z.std().item(), "scaling": 1 / z.std().item(), "psnr_test": psnr}
+    tmp = run_dir / "vae.pt.tmp"
+    torch.save(vae.state_dict(), tmp)
+    tmp.replace(run_dir / "vae.pt")
+    (run_dir / "vae.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+class Denoiser(nn.Module):
+    """The parts that learn in stage 2, under the names sd.weights.Models uses."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.text_encoder = TextEncoder(cfg.text)
+        self.unet = UNet(cfg.unet)
+
+
+UNET_RECIPE = dict(steps=8000, lr=1e-3, batch=32, drop=0.1, snr_gamma=5.0, ema=0.999,
+                   warmup=500, pool=20000, weight_decay=0.01, every=250)
+
+
+def latent_data(run_dir: Path, vae: VAE, cfg: ModelConfig, count: int, split: str,
+                progress: bool) -> dict:
+    """Posterior moments and token ids of the first `count` scenes of a split (cached)."""
+    file = run_dir / f"latents-{split}-{count}.pt"
+    if file.exists():
+        return torch.load(file)
+    images, captions = toydata.pool(split, count, run_dir, progress)
+    mean, std = encode_pool(vae, images)
+    data = {"mean": mean, "std": std, "ids": token_ids(captions, cfg), "captions": captions}
+    tmp = file.with_name(file.name + ".tmp")
+    torch.save(data, tmp)
+    tmp.replace(file)
+    return data
+
+
+@torch.no_grad()
+def text_gain(model: Denoiser, data: dict, cfg: ModelConfig, ac: torch.Tensor) -> float:
+    """How much the caption lowers the denoising loss on a fixed held-out batch (same latents,
+    noise and timesteps with the caption and with the empty prompt): 0 means text is ignored."""
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    batch = {k: v[:128] if torch.is_tensor(v) and k != "empty" else v for k, v in data.items()}
+    losses = []
+    for drop in (0.0, 1.0):
+        g.manual_seed(1234)
+        losses.append(diffusion_loss(model, {**batch, "ac": ac}, g, cfg,
+                                     drop, None)[0].item())
+    model.train()
+    return losses[1] - losses[0]
+
+
+@torch.no_grad()
+def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, count: int = 96,
+              steps: int = 20, guidance: float = 5.0, grid_file: Path | None = None) -> dict:
+    """Fraction of samples whose subject the judge reads as the caption's shape and colour,
+    for held-out single-subject captions."""
+    model.eval()
+    pipe = Pipeline(Models(model.text_encoder, vae, model.unet), cfg)
+    truth = [scenes.test_scene(i, two=0.0) for i in range(count)]
+    prompts = [scenes.caption(t) for t in truth]
+    images = torch.cat([pipe.decode(pipe(prompts[i : i + 48], steps=steps, guidance=guidance,
+                                         seed=i, output="latent")) for i in range(0, count, 48)])
+    shapes, colours = judgelib.predict(judge, images * 2 - 1)
+    if grid_file is not None:
+        rows = [torch.cat(list(images[r * 12 : (r + 1) * 12]), dim=2) for r in range(4)]
+        to_pil(torch.cat(rows, dim=1)[None])[0].save(grid_file)
+    model.train()
+    return {"shape_ok": float(np.mean([s == t.subjects[0].shape for s, t in zip(shapes, truth)])),
+            "colour_ok": float(np.mean([c == t.subjects[0].colour
+                                        for c, t in zip(colours, truth)]))}
+
+
+def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = None,
+               folder: str = "unet") -> Denoiser:
+    r = {**UNET_RECIPE, **(recipe or {})}
+    torch.manual_seed(seed)
+    vae = VAE(TOY.vae)
+    vae.load_state_dict(torch.load(run_dir / "vae.pt"))
+    vae.eval().requires_grad_(False)
+    stats = json.loads((run_dir / "vae.json").read_text())
+    cfg = toy_config(stats["scaling"])
+    ac = ddim.alphas_cumprod(cfg.schedule)
+    data = latent_data(run_dir, vae, cfg, r["pool"], "train", progress)
+    held = latent_data(run_dir, vae, cfg, 256, "test", progress)
+    empty = token_ids([""], cfg)
+    data["empty"], held["empty"] = empty, empty
+    out = run_dir / folder
+
+    def loss(model, g):
+        return diffusion_loss(model, latent_batch({**data, "ac": ac},
+                              r["batch"], g), g, cfg, r["drop"], r["snr_gamma"])
+
+    def evaluate(model, step):
+        # The same columns on every row of the log; NaN where the judge did not run.
+        row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
+               "colour_ok": float("nan")}
+        if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
+            judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
+            row.update(adherence(model, vae, cfg, judge, grid_file=out / f"grid-{step}.png"))
+        return row
+
+    sched = toyloop.Schedule(r["steps"], r["lr"], r["warmup"], weight_decay=r["weight_decay"],
+                             ema=r["ema"], every=r["every"])
+    return toyloop.run(out, Denoiser(cfg), loss, sched, seed, evaluate, progress)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["vae", "unet", "export", "all"])
+    p.add_argument("--run", type=Path, default=Path("/work/toyrun"), help="checkpoints, logs")
+    p.add_argument("-o", "--out", type=Path, default=Path("weights/toy"), help="export folder")
+    p.add_argument("--seed", type=int, default=0)
+    # One thread: on two shared cores two threads measured 3-5x slower per step (oversubscribed).
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.stage in ("vae", "all"):
+        train_vae(a.run, a.seed, not a.no_progress)
+    if a.stage in ("unet", "all"):
+        train_unet(a.run, a.seed, not a.no_progress)
+    if a.stage in ("export", "all"):
+        print(export(a.run, a.out))
+
+
+def export(run_dir: Path, out: Path) -> dict:
+    """The trained model as fp16 safetensors in the diffusers layout (sd.weights.save)."""
+    stats = json.loads((run_dir / "vae.json").read_text())
+    cfg = toy_config(stats["scaling"])
+    vae = VAE(cfg.vae)
+    vae.load_state_dict(torch.load(run_dir / "vae.pt"))
+    model = Denoiser(cfg)
+    model.load_state_dict(torch.load(run_dir / "unet" / "checkpoint.pt", weights_only=False)["ema"])
+    save(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
+    (out / "MODEL").write_text("preset=toy\n")
+    files = [f for f in out.rglob("*") if f.is_file()]
+    return {"folder": str(out), "bytes": sum(f.stat().st_size for f in files)}
+
+
+if __name__ == "__main__":
+    main()
