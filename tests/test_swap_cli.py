@@ -1,6 +1,7 @@
 """python -m photoswap as a user runs it: outputs on the tiny model, and bad input as one line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,12 @@ BASE = ["a photo of a cat on the grass", "--subject", "cat", "--model", "tiny", 
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    # The kernel path is passed on: random weights drawn under another ATEN_CPU_CAPABILITY differ
+    # (vectorised normal/uniform draws), and a test compares the CLI's model with its own.
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env.update({k: v for k, v in os.environ.items() if k == "ATEN_CPU_CAPABILITY"})
     return subprocess.run([sys.executable, "-m", "photoswap", *args], capture_output=True,
-                          text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                    "PYTHONPATH": str(ROOT)})
+                          text=True, cwd=cwd, env=env)
 
 
 def one_line_error(r: subprocess.CompletedProcess, *phrases: str) -> None:
