@@ -16,20 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from sd import ddim
-from sd.config import TOY, ModelConfig
 from sd.clip import TextEncoder
-from sd.pipeline import Pipeline, to_pil
+from sd.config import TOY, ModelConfig
+from sd.images import to_pil
+from sd.pipeline import Pipeline
 from sd.tokenizer import Tokenizer
 from sd.unet import UNet
 from sd.vae import VAE
-from sd.weights import Models, save
-from torch import nn
+from sd.weights import Models
 from train import judge as judgelib
 from train import scenes, toydata, toyloop
-
+from train.checkpoints import save_weights
 
 # ---------------------------------------------------------------------------------- the VAE
 
@@ -269,14 +269,14 @@ def main(argv=None) -> None:
 
 
 def export(run_dir: Path, out: Path) -> dict:
-    """The trained model as fp16 safetensors in the diffusers layout (sd.weights.save)."""
+    """The trained model as fp16 safetensors in the diffusers layout (save_weights)."""
     stats = json.loads((run_dir / "vae.json").read_text())
     cfg = toy_config(stats["scaling"])
     vae = VAE(cfg.vae)
     vae.load_state_dict(torch.load(run_dir / "vae.pt"))
     model = Denoiser(cfg)
     model.load_state_dict(torch.load(run_dir / "unet" / "checkpoint.pt", weights_only=False)["ema"])
-    save(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
+    save_weights(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
     (out / "MODEL").write_text("preset=toy\n")
     files = [f for f in out.rglob("*") if f.is_file()]
     return {"folder": str(out), "bytes": sum(f.stat().st_size for f in files)}
