@@ -6,6 +6,9 @@ random state dict into them, so any difference is a difference in the forward co
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,14 @@ from sd.tokenizer import VOCAB_FILE as TOKENIZER_VOCAB
 from sd.weights import build, diffusers_config
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    """This Python with `args` in the repository root, as a user runs a CLI."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 # SD 2.1's exact structure (4 levels, 2 resnets per block, 23 text layers, channel changes at the
 # same places) at toy widths: every checkpoint key name of the real model exists here, so layout
@@ -48,6 +59,14 @@ def tiny():
         randomize(mod, seed=i)
         mod.eval()
     return m
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    """A pipeline over `tiny` (a test module may define its own `pipe`)."""
+    from sd.pipeline import Pipeline
+
+    return Pipeline(tiny, TINY)
 
 
 def reference_unet(cfg: ModelConfig, state_dict=None):

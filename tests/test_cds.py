@@ -1,31 +1,13 @@
 """recipes.cds (DDS, Hertz et al. 2023; CDS, Nam et al. 2024) on the tiny random model."""
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_python
 from PIL import Image
 
 from recipes.cds import Settings, dds_step, edit, patch_nce
-from sd.config import TINY
-from sd.pipeline import Pipeline
-
-ROOT = Path(__file__).parent.parent
-
-
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny):
-    return Pipeline(tiny, TINY)
 
 
 def latent(seed: int = 0) -> torch.Tensor:
@@ -102,29 +84,29 @@ def test_patch_nce_rewards_the_source_structure():
 
 
 def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
-    r = cli("-X", "importtime", "-m", "recipes.cds", "--help")
+    r = run_python("-X", "importtime", "-m", "recipes.cds", "--help")
     assert r.returncode == 0 and "--w-cut" in r.stdout and "0.07" in r.stdout
     assert " torch\n" not in r.stderr  # parsed before torch was imported
-    r = cli("-m", "recipes.cds", "photo.png", "--source", "a cat")
+    r = run_python("-m", "recipes.cds", "photo.png", "--source", "a cat")
     assert r.returncode == 2 and "--target" in r.stderr
-    r = cli("-m", "recipes.cds", str(tmp_path / "nope.png"), "--source", "a", "--target", "b",
-            "--model", "tiny")
+    r = run_python("-m", "recipes.cds", str(tmp_path / "nope.png"), "--source", "a",
+                   "--target", "b", "--model", "tiny")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr and not (ROOT / "out.png").exists()
     Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
-    r = cli("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a", "--target", "b",
-            "--model", "tiny", "-o", str(tmp_path / "out.xyz"))
+    r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
+                   "--target", "b", "--model", "tiny", "-o", str(tmp_path / "out.xyz"))
     assert r.returncode == 1 and "extension" in r.stderr and "model:" not in r.stderr
-    r = cli("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a", "--target", "b",
-            "-o", str(tmp_path))
+    r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
+                   "--target", "b", "-o", str(tmp_path))
     assert r.returncode == 2 and "folder" in r.stderr
 
 
 def test_cli_end_to_end_on_tiny(tmp_path):
     photo, out = tmp_path / "photo.png", tmp_path / "out.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(photo)
-    r = cli("-m", "recipes.cds", str(photo), "--source", "a red circle", "--target",
-            "a blue circle", "--model", "tiny", "--iterations", "2", "-o", str(out), "-q")
+    r = run_python("-m", "recipes.cds", str(photo), "--source", "a red circle", "--target",
+                   "a blue circle", "--model", "tiny", "--iterations", "2", "-o", str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (64, 64)
 

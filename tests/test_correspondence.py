@@ -1,13 +1,10 @@
 """recipes.correspondence (Hedlin et al. 2023) on the tiny random model; the toy-world parts when
 train/scenes.py is present."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image
 
 from recipes.correspondence import (
@@ -21,21 +18,6 @@ from recipes.correspondence import (
     pck,
     token_maps,
 )
-from sd.config import TINY
-from sd.pipeline import Pipeline
-
-ROOT = Path(__file__).parent.parent
-
-
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny):
-    return Pipeline(tiny, TINY)
 
 
 def test_sites_are_the_coarse_decoder_cross_layers(pipe):
@@ -93,18 +75,18 @@ def test_pck():
 
 
 def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
-    r = cli("-X", "importtime", "-m", "recipes.correspondence", "--help")
+    r = run_python("-X", "importtime", "-m", "recipes.correspondence", "--help")
     assert r.returncode == 0 and "--inits" in r.stdout and "129" in r.stdout
     assert " torch\n" not in r.stderr  # parsed before torch was imported
-    r = cli("-m", "recipes.correspondence", "a.png")
+    r = run_python("-m", "recipes.correspondence", "a.png")
     assert r.returncode == 2 and "--point" in r.stderr
     Image.new("RGB", (80, 64)).save(tmp_path / "a.png")
-    r = cli("-m", "recipes.correspondence", str(tmp_path / "a.png"), str(tmp_path / "nope.png"),
-            "--point", "1", "1", "--model", "tiny")
+    r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"),
+                   str(tmp_path / "nope.png"), "--point", "1", "1", "--model", "tiny")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nope.png" in r.stderr and "Traceback" not in r.stderr
-    r = cli("-m", "recipes.correspondence", str(tmp_path / "a.png"), str(tmp_path / "a.png"),
-            "--point", "5", "1", "--model", "tiny")  # x 5 is cropped away (80 -> centre 64)
+    r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"), str(tmp_path / "a.png"),
+                   "--point", "5", "1", "--model", "tiny")  # x 5 is cropped away (80 -> centre 64)
     assert r.returncode == 1 and "outside" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -112,8 +94,8 @@ def test_cli_end_to_end_on_tiny(tmp_path):
     a, b, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "match.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(a)
     Image.new("RGB", (64, 64), (30, 30, 200)).save(b)
-    r = cli("-m", "recipes.correspondence", str(a), str(b), "--point", "20", "30", "--model",
-            "tiny", "--steps", "2", "--inits", "2", "--crops", "5", "-o", str(out), "-q")
+    r = run_python("-m", "recipes.correspondence", str(a), str(b), "--point", "20", "30", "--model",
+                   "tiny", "--steps", "2", "--inits", "2", "--crops", "5", "-o", str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert "query (20.0, 30.0) ->" in r.stdout
     assert Image.open(out).size == (3 * 256, 256)  # shown 4x
