@@ -12,7 +12,7 @@ at import time, so every recipe's --help answers before torch loads.
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sd.config import DTYPE_NAMES, PRESETS
@@ -31,21 +31,30 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def settings_options(p: argparse.ArgumentParser, settings: type, words: dict[str, str]) -> None:
-    """One option per field of a frozen Settings dataclass (noise_index -> --noise-index), with
-    `words[field]` and the default as its help; tuple fields take several values."""
-    for f in fields(settings):
+def settings_options(p: argparse.ArgumentParser, presets: dict, words: dict[str, str]) -> None:
+    """--preset NAME (the first is the default), and one option per field of the presets' frozen
+    Settings dataclass (noise_index -> --noise-index) that overrides the preset's value; `words`
+    and every preset's value make its help. Tuple fields take several values."""
+    names = list(presets)
+    p.add_argument("--preset", choices=names, default=names[0],
+                   help=f"settings the options below start from (default {names[0]})")
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else f"{v:.6g}"  # noqa: E731
+    for f in fields(presets[names[0]]):
+        values = [show(getattr(s, f.name)) for s in presets.values()]
+        shown = values[0] if len(set(values)) == 1 else ", ".join(
+            f"{n} {v}" for n, v in zip(names, values))
         many = isinstance(f.default, tuple)
-        shown = " ".join(map(str, f.default)) if many else f"{f.default:.6g}"
         p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+" if many else None,
-                       type=type(f.default[0] if many else f.default), default=f.default,
-                       help=f"{words[f.name]} (default {shown})")
+                       type=type(f.default[0] if many else f.default),
+                       help=f"{words[f.name]} ({shown})")
 
 
-def settings_from(args: argparse.Namespace, settings: type):
-    """The Settings instance the options of `settings_options` give."""
-    values = {f.name: getattr(args, f.name) for f in fields(settings)}
-    return settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def settings_from(args: argparse.Namespace, presets: dict):
+    """The chosen preset with the options given on the command line put in."""
+    base = presets[args.preset]
+    given = {f.name: getattr(args, f.name) for f in fields(base)}
+    return replace(base, **{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in given.items() if v is not None})
 
 
 def toy_world():
@@ -56,6 +65,16 @@ def toy_world():
         raise ValueError("--toy needs the toy world's scene generator, train/scenes.py, which "
                          "this checkout does not have") from e
     return scenes
+
+
+def toy_scenes(count: int) -> list:
+    """The first `count` held-out toy scenes with one subject (every --toy evaluation's set)."""
+    world, found, i = toy_world(), [], 0
+    while len(found) < count:
+        scene, i = world.test_scene(i, two=0.0), i + 1
+        if len(scene.subjects) == 1:
+            found.append(scene)
+    return found
 
 
 def load(args: argparse.Namespace):
@@ -70,3 +89,10 @@ def load(args: argparse.Namespace):
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
           f"{device} in {args.dtype}", file=sys.stderr)
     return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])
+
+
+def toy_image(array):
+    """A toy render [H, W, 3] uint8 -> [1, 3, H, W] in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255

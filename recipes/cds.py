@@ -28,7 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options, settings_from, settings_options, toy_world
+from recipes import (load, model_options, settings_from, settings_options, toy_image, toy_scenes,
+                     toy_world)
 from sd.files import unwritable
 
 
@@ -47,6 +48,7 @@ class Settings:
     scale: float = 2000 / 64**2
 
 
+PRESETS = {"paper": Settings()}  # the toy model takes them as they are
 HELP = {  # --help's words for each setting
     "iterations": "optimisation steps on the target latent",
     "lr": "SGD learning rate",
@@ -70,18 +72,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", help="the same prompt, changed as the photo should change")
     p.add_argument("--toy", type=int, metavar="SCENES", help="instead: edit the subject's colour "
                    "in SCENES held-out toy scenes with DDS and CDS, and report background PSNR")
-    settings_options(p, Settings, HELP)
+    settings_options(p, PRESETS, HELP)
     model_options(p)
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="edited image")
+    p.add_argument("-o", "--output", type=Path, help="the edited image (default out.png); with "
+                   "--toy: the first 4 scenes' photo, exact edit, DDS and CDS")
     args = p.parse_args(argv)
-    if message := unwritable(args.output):
+    s = args.settings = settings_from(args, PRESETS)
+    if message := unwritable(args.output or Path("out.png")):
         p.error(message)
     if args.toy is None and (args.image is None or args.source is None or args.target is None):
         p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
-    counts = (args.iterations, args.patches, *args.patch_sizes, 1 if args.toy is None else args.toy)
+    counts = (s.iterations, s.patches, *s.patch_sizes, 1 if args.toy is None else args.toy)
     if min(counts) < 1:
         p.error("--iterations, --patches, --patch-sizes and --toy: give 1 or more")
-    if not 0 <= args.t_min < args.t_max <= 1000 or args.temperature <= 0:
+    if not 0 <= s.t_min < s.t_max <= 1000 or s.temperature <= 0:
         p.error("need 0 <= --t-min < --t-max <= 1000 and a positive --temperature")
     return args
 
@@ -164,7 +168,7 @@ def edit(pipe: Pipeline, z_src: torch.Tensor, source: str, target: str, s: Setti
     g = torch.Generator().manual_seed(seed)
     cond = pipe.encode_prompt([source, target]).to(pipe.dtype)
     uncond = pipe.encode_prompt("").to(pipe.dtype)
-    z_src = z_src.float()
+    z_src = z_src.detach().float()
     z_trg = z_src.clone().requires_grad_(True)
     opt = torch.optim.SGD([z_trg], lr=s.lr)
     for _ in tqdm(range(s.iterations), disable=not progress, desc="editing"):
@@ -187,69 +191,76 @@ def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     return (10 * torch.log10(1 / mse.clamp_min(1e-10))).item()
 
 
-def evaluate_toy(pipe: Pipeline, scenes: int = 20, s: Settings = Settings(), seed: int = 0,
-                 progress: bool = False) -> dict[str, float]:
+def evaluate_toy(pipe: Pipeline, scenes: int = 6, s: Settings = Settings(), seed: int = 0,
+                 progress: bool = False) -> tuple[dict[str, float], list[list]]:
     """Recolour the subject of `scenes` held-out one-subject toy scenes with DDS (w_cut 0) and
     CDS, from the same seed. Background PSNR: against the photo, outside the exact subject mask
     dilated by 2 px; subject PSNR: against the exact render of the edited scene, inside the mask
-    (an edit that does nothing scores high on the first and low on the second)."""
+    (the unedited photo's is the floor an edit should rise above). Also, per scene, the images
+    [photo, exact edit, DDS, CDS] in [0, 1] for a picture."""
     from dataclasses import replace
 
-    from PIL import Image
-
-    world = toy_world()
-    results: dict[str, list[float]] = {}
-    i, done = 0, 0
-    while done < scenes:
-        scene, i = world.test_scene(i, two=0.0), i + 1
-        if len(scene.subjects) != 1:
-            continue
+    world, results, shown = toy_world(), {}, []
+    for n, scene in enumerate(toy_scenes(scenes)):
         subject = scene.subjects[0]
         colours = [c for c in world.COLOURS if c not in (subject.colour, scene.background)]
-        edited = replace(scene, subjects=(replace(subject, colour=colours[done % len(colours)]),))
+        edited = replace(scene, subjects=(replace(subject, colour=colours[n % len(colours)]),))
         photo, masks, _ = world.render(scene)
-        ideal = torch.from_numpy(world.render(edited)[0]).permute(2, 0, 1).float() / 255
+        photo, ideal = toy_image(photo), toy_image(world.render(edited)[0])
         mask = torch.from_numpy(masks[0])
         near = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0  # dilated by 2 px
-        z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
-        original = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+        z = pipe.models.vae.encode(photo.to(pipe.device, pipe.dtype) * 2 - 1).mean
+        z = z * pipe.cfg.vae.scaling  # as Pipeline.encode
+        shown.append([photo, ideal])
+        scores = {"unedited subject": psnr(photo, ideal, mask)}
         for name, w_cut in (("dds", 0.0), ("cds", s.w_cut)):
-            out = pipe.decode(edit(pipe, z, world.caption(scene), world.caption(edited),
-                                   replace(s, w_cut=w_cut), seed + done))[0].float().cpu()
-            results.setdefault(f"{name} background psnr", []).append(psnr(out, original, ~near))
-            results.setdefault(f"{name} subject psnr", []).append(psnr(out, ideal, mask))
-        done += 1
+            out = edit(pipe, z, world.caption(scene), world.caption(edited),
+                       replace(s, w_cut=w_cut), seed + n)
+            out = pipe.decode(out.to(pipe.dtype)).float().cpu()
+            shown[-1].append(out)
+            scores |= {f"{name} background": psnr(out, photo, ~near),
+                       f"{name} subject": psnr(out, ideal, mask)}
+        for k, v in scores.items():
+            results.setdefault(k, []).append(v)
         if progress:
-            print(f"scene {done}/{scenes}: " + ", ".join(f"{k} {v[-1]:.2f}"
-                                                         for k, v in results.items()),
+            print(f"scene {n + 1}/{scenes}: " + ", ".join(f"{k} {v:.2f}"
+                                                         for k, v in scores.items()),
                   file=sys.stderr)
-    return {k: sum(v) / len(v) for k, v in results.items()}
+    return {k: sum(v) / len(v) for k, v in results.items()}, shown
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from sd.images import image_format, load_image, save_image, to_pil
+    from sd.images import grid, image_format, load_image, save_image, to_pil
     from sd.weights import WeightsError
 
-    s = settings_from(args, Settings)
+    s, output = args.settings, args.output or Path("out.png")
     try:  # what the user gave is checked before the model loads
-        image_format(args.output)
+        image_format(output)
         if args.toy is not None:
             toy_world()
         else:
             load_image(args.image, 64, 64)
         pipe = load(args)
         if args.toy is not None:
-            result = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
-            print(", ".join(f"{k}: {v:.2f} dB" for k, v in result.items()))
+            r, shown = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
+            print(f"background PSNR outside the subject: DDS {r['dds background']:.2f} dB, CDS "
+                  f"{r['cds background']:.2f} dB; subject PSNR against the exact edit: DDS "
+                  f"{r['dds subject']:.2f}, CDS {r['cds subject']:.2f}, unedited "
+                  f"{r['unedited subject']:.2f} dB ({args.toy} toy scenes)")
+            if args.output:  # rows: photo, exact edit, DDS, CDS; shown 4x
+                tiles = [[im.resize((256, 256), 0) for im in to_pil(torch.cat(row))]
+                         for row in shown[:4]]
+                save_image(grid(tiles), args.output)
+                print(f"wrote {args.output}")
             return 0
         z = pipe.encode(args.image)
         out = edit(pipe, z, args.source, args.target, s, args.seed, not args.quiet)
-        save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], args.output)
+        save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], output)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output}")
+    print(f"wrote {output}")
     return 0
 
 

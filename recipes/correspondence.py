@@ -1,20 +1,18 @@
 """Unsupervised semantic correspondence with Stable Diffusion (Hedlin et al., NeurIPS 2023,
-"Unsupervised Semantic Correspondence Using Stable Diffusion", arXiv 2305.15581).
+arXiv 2305.15581). A free context [1, 77, width] is optimised so that the cross-attention map of
+its first token (after BOS), read at the decoder's two coarsest attention levels, matches a
+Gaussian at a query point on random crops of the noised source image. On the target image the
+argmax of the same map, averaged over crops and random initialisations, is the answer.
 
-A query point in a source image becomes a text embedding: a free context [1, 77, width] is
-optimised so that the cross-attention map of its first token (position 1, after BOS), read at the
-decoder's coarse attention levels, matches a Gaussian at the point, on random crops of the noised
-source. On the target image the same embedding's map, averaged over crops and over several random
-initialisations, peaks at the corresponding point: its argmax is the answer.
-
-Defaults are the authors' released settings (ubc-vision/LDM_correspondences and their benchmark
-wrapper; --help lists them). At 512 px the layers read are their layers 5-8 counted from 0 over
-the maps they store: three at 16x16 and the first at 32x32. Departures: Gaussian noise (their
-code draws torch.rand, uniform); the target is noised at the source's timestep (theirs
-hard-codes timesteps[-3] there); no flips (their default).
+Presets: `paper`, the authors' released settings (ubc-vision/LDM_correspondences; at 512 px their
+layers 5-8: three at 16x16, one at 32x32); `toy`, for the 64 px toy model, whose 64-wide context
+moves the logits far less per Adam step than SD's 1024-wide one: a 40x larger rate, fewer steps,
+initialisations and crops (about 10 s per toy pair on one CPU thread). Departures: Gaussian noise
+(theirs torch.rand); the target is noised at the source's timestep (theirs timesteps[-3]); no
+flips (their default); embeddings are optimised side by side, each with its own random draws.
 
     python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
-    python -m recipes.correspondence --toy 50 --weights weights/toy   # PCK@0.1 on toy scenes
+    python -m recipes.correspondence --toy 20 --preset toy --weights weights/toy -o pck.png
 """
 
 import argparse
@@ -22,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options, settings_from, settings_options, toy_world
+from recipes import load, model_options, settings_from, settings_options, toy_image, toy_world
 from sd.files import unwritable
 
 
@@ -39,6 +37,7 @@ class Settings:
     layers: int = 4
 
 
+PRESETS = {"paper": Settings(), "toy": Settings(lr=0.1, steps=40, inits=2, crops=8)}
 HELP = {  # --help's words for each setting
     "lr": "Adam learning rate of the embedding",
     "steps": "optimisation steps per initialisation",
@@ -55,29 +54,31 @@ HELP = {  # --help's words for each setting
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.correspondence", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", type=Path, help="image holding the query point")
-    p.add_argument("target", nargs="?", type=Path, help="image to find the point in")
-    p.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"),
-                   help="the query, in the source image's pixels (x right, y down)")
-    p.add_argument("--toy", type=int, metavar="PAIRS", help="instead: evaluate PCK on PAIRS "
-                   "held-out toy scene pairs (needs train/scenes.py and the toy model)")
+    p.add_argument("source", nargs="?", type=Path, help="image holding the query points")
+    p.add_argument("target", nargs="?", type=Path, help="image to find the points in")
+    p.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"), action="append",
+                   help="a query, in the source image's pixels (x right, y down); repeatable")
+    p.add_argument("--toy", type=int, metavar="PAIRS", help="instead: PCK on PAIRS held-out toy "
+                   "scene pairs (needs train/scenes.py and the toy model; -o draws the first 4)")
     p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold, a fraction of the "
                    "image side (default 0.1)")
-    settings_options(p, Settings, HELP)
+    p.add_argument("--batch", type=int, default=5, help="embeddings optimised at once (points x "
+                   "initialisations); the answer does not depend on it (default 5)")
+    settings_options(p, PRESETS, HELP)
     model_options(p)
-    p.add_argument("-o", "--output", type=Path, default=Path("match.png"),
-                   help="picture: source with the query, target with the answer and its map")
+    p.add_argument("-o", "--output", type=Path, help="picture: sources with the queries, targets "
+                   "with the answers (rings) and the truth (dots), the first point's map")
     args = p.parse_args(argv)
-    if message := unwritable(args.output):
+    s = args.settings = settings_from(args, PRESETS)
+    if args.output and (message := unwritable(args.output)):
         p.error(message)
     if args.toy is None and (args.target is None or args.point is None):
         p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
-    counts = (args.steps, args.inits, args.crops, args.layers, 1 if args.toy is None else args.toy)
-    if min(counts) < 1:
-        p.error("--steps, --inits, --crops, --layers and --toy: give 1 or more")
-    if not -args.schedule <= args.noise_index < args.schedule:
-        p.error(f"--noise-index: give -{args.schedule} to {args.schedule - 1} (--schedule steps)")
-    if not (0 < args.crop <= 1 and args.sigma > 0 and args.alpha > 0):
+    if min(s.steps, s.inits, s.crops, s.layers, args.batch, args.toy or 1) < 1:
+        p.error("--steps, --inits, --crops, --layers, --batch and --toy: give 1 or more")
+    if not -s.schedule <= s.noise_index < s.schedule:
+        p.error(f"--noise-index: give -{s.schedule} to {s.schedule - 1} (--schedule steps)")
+    if not (0 < s.crop <= 1 and s.sigma > 0 and args.alpha > 0):
         p.error("--crop: give more than 0, up to 1; --sigma and --alpha: give positive numbers")
     return args
 
@@ -91,6 +92,8 @@ import torch.nn.functional as F  # noqa: E402
 from sd import ddim  # noqa: E402
 from sd.attention import Control, apply_map, attention, attention_map  # noqa: E402
 from sd.pipeline import Pipeline  # noqa: E402
+
+Gens = list[torch.Generator]  # one per embedding: its crops and noise do not depend on the batch
 
 
 class FirstTokenMaps(Control):
@@ -117,11 +120,13 @@ def decoder_sites(pipe: Pipeline, count: int) -> list[str]:
 
 
 def token_maps(pipe: Pipeline, z: torch.Tensor, context: torch.Tensor, sites: list[str], t: int,
-               g: torch.Generator) -> torch.Tensor:
-    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t with Gaussian
-    noise drawn from g."""
-    ctrl, noise = FirstTokenMaps(sites), torch.randn(z.shape, generator=g).to(z.device, z.dtype)
-    pipe.models.unet(ddim.add_noise(z, noise, t, pipe.ac), t, context.to(pipe.dtype), ctrl)
+               gens: Gens) -> torch.Tensor:
+    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t, each row with
+    Gaussian noise from its own generator."""
+    noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
+    ctrl = FirstTokenMaps(sites)
+    x = ddim.add_noise(z, noise.to(z.device, z.dtype), t, pipe.ac)
+    pipe.models.unet(x, t, context.to(pipe.dtype), ctrl)
     hw, size = z.shape[-2:], [n * pipe.cfg.vae.factor for n in z.shape[-2:]]
     maps = [m.unflatten(-1, s.shape(hw))[:, None] for m, s in ctrl.maps.values()]
     return torch.cat([F.interpolate(m, size=size, mode="bilinear") for m in maps], 1)
@@ -139,14 +144,13 @@ def crop_box(point: torch.Tensor, side: int, frac: float, g: torch.Generator) ->
     return start[0], start[1], c
 
 
-def encode_crop(pipe: Pipeline, image: torch.Tensor, box: tuple[int, ...]) -> torch.Tensor:
-    """The crop of image [1, 3, S, S] in [0, 1], resized back to S x S, as scaled latents."""
-    x0, y0, c = box
-    crop = image[..., y0:y0 + c, x0:x0 + c]
-    crop = F.interpolate(crop, size=image.shape[-2:], mode="bilinear", antialias=True)
-    with torch.no_grad():
-        z = pipe.models.vae.encode(crop.to(pipe.device, pipe.dtype) * 2 - 1).mean
-    return z * pipe.cfg.vae.scaling
+@torch.no_grad()
+def encode_crops(pipe: Pipeline, image: torch.Tensor, boxes: list[tuple[int, ...]]):
+    """The crops of image [1, 3, S, S] in [0, 1], each resized back to S x S, as scaled latents."""
+    crops = [F.interpolate(image[..., y0:y0 + c, x0:x0 + c], size=image.shape[-2:],
+                           mode="bilinear", antialias=True) for x0, y0, c in boxes]
+    x = torch.cat(crops).to(pipe.device, pipe.dtype) * 2 - 1
+    return pipe.models.vae.encode(x).mean * pipe.cfg.vae.scaling
 
 
 def gaussian(point: torch.Tensor, side: int, sigma: float) -> torch.Tensor:
@@ -160,44 +164,47 @@ def timestep(pipe: Pipeline, s: Settings) -> int:
     return int(ddim.timesteps(s.schedule, pipe.cfg.schedule)[s.noise_index])
 
 
-def optimise(pipe: Pipeline, image: torch.Tensor, point: torch.Tensor, s: Settings,
-             g: torch.Generator, sites: list[str]) -> tuple[torch.Tensor, list[float]]:
-    """One initialisation: the fitted context [1, 77, width] and the loss at every step."""
+def optimise(pipe: Pipeline, image: torch.Tensor, points: torch.Tensor, s: Settings, gens: Gens,
+             sites: list[str]) -> tuple[torch.Tensor, list[float]]:
+    """Fits one context per point [B, 2] (x, y): the contexts [B, 77, width] and the loss (mean
+    over the rows) at every step."""
     side, t = image.shape[-1], timestep(pipe, s)
-    width = pipe.cfg.text.width
-    context = torch.randn(1, pipe.cfg.text.max_len, width, generator=g).to(pipe.device)
+    shape = (pipe.cfg.text.max_len, pipe.cfg.text.width)
+    context = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(pipe.device)
     context.requires_grad_(True)
     opt, losses = torch.optim.Adam([context], lr=s.lr), []
     for _ in range(s.steps):
-        box = crop_box(point, side, s.crop, g)
-        z = encode_crop(pipe, image, box)
-        where = (point - torch.tensor(box[:2])) * side / box[2]  # the point in the resized crop
-        target = gaussian(where, side, s.sigma * side).to(pipe.device)
-        maps = token_maps(pipe, z, context, sites, t, g)
-        # Each layer's map against the Gaussian, then averaged over layers, as their code does.
-        loss = F.mse_loss(maps, target.expand_as(maps))
+        boxes = [crop_box(p, side, s.crop, g) for p, g in zip(points, gens)]
+        wanted = torch.stack([gaussian((p - torch.tensor(b[:2])) * side / b[2], side, s.sigma * side)
+                              for p, b in zip(points, boxes)])  # each point in its resized crop
+        maps = token_maps(pipe, encode_crops(pipe, image, boxes), context, sites, t, gens)
+        # Each layer's map against the Gaussian, averaged over layers as their code does; summed
+        # over rows, so that each row's gradient is what it would be alone.
+        loss = (maps - wanted[:, None].to(maps.device)).pow(2).mean((1, 2, 3))
         opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.mean().item())
     return context.detach(), losses
 
 
 @torch.no_grad()
-def locate(pipe: Pipeline, image: torch.Tensor, context: torch.Tensor, s: Settings,
-           g: torch.Generator, sites: list[str]) -> torch.Tensor:
-    """The layer-averaged map [S, S] over `s.crops` crops: the first four at the corners, then
-    around the running argmax (Hedlin et al.'s run_image_with_tokens_cropped)."""
-    side, t = image.shape[-1], timestep(pipe, s)
-    total, count = torch.zeros(side, side), torch.zeros(side, side)
+def locate(pipe: Pipeline, image: torch.Tensor, context: torch.Tensor, s: Settings, gens: Gens,
+           sites: list[str]) -> torch.Tensor:
+    """Each context's layer-averaged map [B, S, S] over `s.crops` crops: the first four at the
+    corners, then around the running argmax (Hedlin et al.'s run_image_with_tokens_cropped)."""
+    side, t, rows = image.shape[-1], timestep(pipe, s), len(context)
+    total, count = torch.zeros(rows, side, side), torch.zeros(rows, side, side)
     corners = [(0, 0), (side, 0), (0, side), (side, side)]
     for i in range(s.crops):
-        at = torch.tensor(corners[i] if i < 4 else argmax_point(total / count.clamp_min(1)))
-        x0, y0, c = box = crop_box(at, side, s.crop, g)
-        z = encode_crop(pipe, image, box)
-        m = token_maps(pipe, z, context, sites, t, g).mean(1, keepdim=True).float().cpu()
-        total[y0:y0 + c, x0:x0 + c] += F.interpolate(m, size=(c, c), mode="bilinear")[0, 0]
-        count[y0:y0 + c, x0:x0 + c] += 1
+        at = [corners[i] if i < 4 else argmax_point(m) for m in total / count.clamp_min(1)]
+        boxes = [crop_box(torch.tensor(a), side, s.crop, g) for a, g in zip(at, gens)]
+        maps = token_maps(pipe, encode_crops(pipe, image, boxes), context, sites, t, gens)
+        maps = maps.mean(1, keepdim=True).float().cpu()
+        for r, (x0, y0, c) in enumerate(boxes):
+            total[r, y0:y0 + c, x0:x0 + c] += F.interpolate(maps[r:r + 1], size=(c, c),
+                                                            mode="bilinear")[0, 0]
+            count[r, y0:y0 + c, x0:x0 + c] += 1
     return total / count.clamp_min(1)
 
 
@@ -207,20 +214,23 @@ def argmax_point(m: torch.Tensor) -> tuple[float, float]:
     return i % m.shape[1] + 0.5, i // m.shape[1] + 0.5
 
 
-def correspond(pipe: Pipeline, source: torch.Tensor, target: torch.Tensor,
-               point: tuple[float, float], s: Settings = Settings(), seed: int = 0,
-               progress: bool = False) -> tuple[tuple[float, float], torch.Tensor]:
-    """The point in `target` [1, 3, S, S] matching `point` (x, y) in `source`, and the map
-    [S, S] (mean over initialisations) whose argmax it is."""
-    g, sites = torch.Generator().manual_seed(seed), decoder_sites(pipe, s.layers)
-    query, heat = torch.tensor(point, dtype=torch.float32), 0
-    for i in range(s.inits):
-        context, losses = optimise(pipe, source, query, s, g, sites)
-        heat = heat + locate(pipe, target, context, s, g, sites) / s.inits
+def correspond(pipe: Pipeline, source: torch.Tensor, target: torch.Tensor, points: torch.Tensor,
+               s: Settings = Settings(), seed: int = 0, batch: int = 5,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points [P, 2] in `target` [1, 3, S, S] matching `points` [P, 2] (x, y) in `source`,
+    and the maps [P, S, S] (means over initialisations) whose argmaxes they are. Row r (point
+    r // inits) draws from generator seed + r; `batch` rows run at once."""
+    sites, rows = decoder_sites(pipe, s.layers), points.float().repeat_interleave(s.inits, 0)
+    gens = [torch.Generator().manual_seed(seed + r) for r in range(len(rows))]
+    heat = []
+    for i in range(0, len(rows), batch):
+        context, losses = optimise(pipe, source, rows[i:i + batch], s, gens[i:i + batch], sites)
+        heat.append(locate(pipe, target, context, s, gens[i:i + batch], sites))
         if progress:
-            print(f"init {i + 1}/{s.inits}: loss {losses[0]:.4g} -> {losses[-1]:.4g}",
-                  file=sys.stderr)
-    return argmax_point(heat), heat
+            print(f"embeddings {i + 1}-{i + len(context)} of {len(rows)}: loss {losses[0]:.4g} "
+                  f"-> {losses[-1]:.4g}", file=sys.stderr)
+    heat = torch.cat(heat).unflatten(0, (len(points), s.inits)).mean(1)
+    return torch.tensor([argmax_point(m) for m in heat]), heat
 
 
 def pck(pred: torch.Tensor, true: torch.Tensor, reference: float | torch.Tensor,
@@ -228,6 +238,13 @@ def pck(pred: torch.Tensor, true: torch.Tensor, reference: float | torch.Tensor,
     """Percentage of correct keypoints: the fraction of predictions [N, 2] within
     alpha * reference of the truth (reference: the image side, or per-point box sizes)."""
     return ((pred - true).norm(dim=-1) <= alpha * torch.as_tensor(reference)).float().mean().item()
+
+
+def chance(true: torch.Tensor, side: int, alpha: float = 0.1) -> float:
+    """The PCK of a uniformly random pixel: the share of pixel centres within alpha * side."""
+    c = torch.arange(side, dtype=torch.float32) + 0.5
+    grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 1, 2)
+    return ((grid - true).norm(dim=-1) <= alpha * side).float().mean().item()
 
 
 def keypoints(subject) -> torch.Tensor:
@@ -245,63 +262,67 @@ def keypoints(subject) -> torch.Tensor:
     return unit @ rot.T * subject.radius + torch.tensor([subject.x, subject.y])
 
 
-def toy_pairs(count: int, start: int = 0) -> list[tuple]:
-    """Held-out toy scenes with one subject, paired by shape with a different colour (so places,
-    sizes and colours differ), shapes in turn: [(source scene, target scene), ...]."""
-    scenes = toy_world()
-    waiting, pairs, i = {}, {shape: [] for shape in scenes.SHAPES}, start
-    per = -(-count // len(scenes.SHAPES))
-    while min(map(len, pairs.values())) < per and i < start + 1000 * per:
+def toy_pairs(count: int) -> list[tuple]:
+    """Held-out one-subject toy scenes paired with the next of the same shape and another colour
+    (so places, sizes and colours differ), shapes in turn: [(source, target), ...]."""
+    scenes, waiting, pairs, i = toy_world(), {}, [], 0
+    while len(pairs) < count:
         scene, i = scenes.test_scene(i, two=0.0), i + 1
-        if len(scene.subjects) != 1:
-            continue
-        shape, other = scene.subjects[0].shape, waiting.pop(scene.subjects[0].shape, None)
+        shape = scene.subjects[0].shape
+        if len(scene.subjects) != 1 or any(shape == a.subjects[0].shape for a, _ in pairs[-5:]):
+            continue  # the last five pairs hold the other shapes: take the next one in turn
+        other = waiting.pop(shape, None)
         if other is not None and other.subjects[0].colour != scene.subjects[0].colour:
-            pairs[shape].append((other, scene))
+            pairs.append((other, scene))
         else:
             waiting[shape] = scene
-    turns = zip(*pairs.values())  # one pair of each shape, then the next
-    return [pair for turn in turns for pair in turn][:count]
+    return pairs
 
 
-def evaluate_toy(pipe: Pipeline, pairs: int = 50, alpha: float = 0.1, s: Settings = Settings(),
-                 seed: int = 0, progress: bool = False) -> dict[str, float]:
+def evaluate_toy(pipe: Pipeline, pairs: int = 20, alpha: float = 0.1, s: Settings = PRESETS["toy"],
+                 seed: int = 0, batch: int = 5, progress: bool = False) -> tuple[dict, list]:
     """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
-    with two baselines: a uniformly random point, and the source point copied unchanged."""
-    render = toy_world().render
-    to_image = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
-    preds, trues, copies = [], [], []
+    beside chance and copying the source point; and per pair (source, target, queries, answers,
+    truth, the first point's map) for a picture."""
+    render, preds, trues, copies, shown = toy_world().render, [], [], [], []
     for n, (src, tgt) in enumerate(toy_pairs(pairs)):
-        source, target = to_image(render(src)[0]), to_image(render(tgt)[0])
-        for k, (p, q) in enumerate(zip(keypoints(src.subjects[0]), keypoints(tgt.subjects[0]))):
-            found, _ = correspond(pipe, source, target, tuple(p.tolist()), s, seed + 1000 * n + k)
-            preds.append(torch.tensor(found)), trues.append(q), copies.append(p)
+        source, target = toy_image(render(src)[0]), toy_image(render(tgt)[0])
+        query, true = keypoints(src.subjects[0]), keypoints(tgt.subjects[0])
+        found, heat = correspond(pipe, source, target, query, s, seed + 1000 * n, batch)
+        preds, trues, copies = preds + [found], trues + [true], copies + [query]
+        shown.append((source, target, query, found, true, heat[0]))
         if progress:
             print(f"pair {n + 1}/{pairs}: PCK so far "
-                  f"{pck(torch.stack(preds), torch.stack(trues), source.shape[-1], alpha):.3f}",
+                  f"{pck(torch.cat(preds), torch.cat(trues), source.shape[-1], alpha):.3f}",
                   file=sys.stderr)
-    side, true = source.shape[-1], torch.stack(trues)
-    g = torch.Generator().manual_seed(seed)
-    return {"pck": pck(torch.stack(preds), true, side, alpha), "keypoints": len(trues),
-            "chance": pck(torch.rand(true.shape, generator=g) * side, true, side, alpha),
-            "copy source point": pck(torch.stack(copies), true, side, alpha)}
+    side, true = source.shape[-1], torch.cat(trues)
+    return {"pck": pck(torch.cat(preds), true, side, alpha), "keypoints": len(true),
+            "chance": chance(true, side, alpha),
+            "copy": pck(torch.cat(copies), true, side, alpha)}, shown
 
 
-def picture(source: torch.Tensor, target: torch.Tensor, point, found, heat: torch.Tensor):
-    """Source with the query, target with the answer, the map over the target."""
+def picture(rows: list[tuple]) -> "Image.Image":
+    """Per row (source, target, queries, answers, truth or None, map): the source with the
+    queries, the target with the answers (rings) and the truth (dots), the map over the target."""
     from PIL import ImageDraw
 
     from sd.images import grid, overlay, to_pil
 
-    src, tgt = to_pil(torch.cat([source, target]))
-    m = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
-    k = max(1, 256 // src.width)  # small (toy) images are shown 4x, so the rings can be seen
-    tiles = [im.resize((im.width * k, im.height * k), 0) for im in (src, tgt, overlay(tgt, m))]
-    r = max(3, tiles[0].width // 64)
-    for im, (x, y) in zip(tiles, (point, found, found)):
-        x, y = x * k, y * k
-        ImageDraw.Draw(im).ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=2)
-    return grid([tiles])
+    tiles, colours = [], ["cyan", "magenta", "yellow", "lime", "orange"]
+    for source, target, query, found, true, heat in rows:
+        src, tgt = to_pil(torch.cat([source, target]))
+        k = max(1, 256 // src.width)  # small (toy) images are shown 4x, so the marks can be seen
+        m = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
+        row = [im.resize((im.width * k, im.height * k), 0) for im in (src, tgt, overlay(tgt, m))]
+        r, draw = max(3, row[0].width // 64), [ImageDraw.Draw(im) for im in row]
+        ring = lambda d, p, c: d.ellipse([*(p * k - r), *(p * k + r)], outline=c, width=2)  # noqa
+        for j in range(len(query)):
+            c = colours[j % len(colours)]
+            ring(draw[0], query[j], c), ring(draw[1], found[j], c), ring(draw[2], found[j], c)
+            if true is not None:
+                draw[1].ellipse([*(true[j] * k - r / 2), *(true[j] * k + r / 2)], fill=c)
+        tiles.append(row)
+    return grid(tiles)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,34 +332,43 @@ def main(argv: list[str] | None = None) -> int:
     from sd.images import image_format, load_image, save_image
     from sd.weights import WeightsError
 
-    s = settings_from(args, Settings)
     try:  # what the user gave is checked before the model loads
-        image_format(args.output)
+        if args.output:
+            image_format(args.output)
         if args.toy is None:
             for path in (args.source, args.target):
                 load_image(path, 64, 64)
             with Image.open(args.source) as im:  # as displayed, and as load_image crops it
                 w, h = ImageOps.exif_transpose(im).size
-            unit = [(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(args.point, (w, h))]
-            if not all(0 <= u < 1 for u in unit):
-                raise ValueError(f"--point {args.point[0]:g} {args.point[1]:g} is outside the "
-                                 f"centre square of the {w}x{h} source image")
-        world = toy_world() if args.toy is not None else None
+            unit = [[(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(q, (w, h))]
+                    for q in args.point]
+            if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
+                raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
+                                 f"square of the {w}x{h} source image")
+        else:
+            toy_world()
         pipe = load(args)
         side = pipe.cfg.resolution
-        if world is not None:
-            result = evaluate_toy(pipe, args.toy, args.alpha, s, args.seed, not args.quiet)
-            print(", ".join(f"{k}: {v:.3g}" for k, v in result.items()))
-            return 0
-        source, target = (load_image(p, side, side) for p in (args.source, args.target))
-        point = tuple(u * side for u in unit)
-        found, heat = correspond(pipe, source, target, point, s, args.seed, not args.quiet)
+        if args.toy is not None:
+            r, rows = evaluate_toy(pipe, args.toy, args.alpha, args.settings, args.seed,
+                                   args.batch, not args.quiet)
+            print(f"PCK@{args.alpha:g}: {r['pck']:.3f} over {r['keypoints']} keypoints of "
+                  f"{args.toy} toy pairs (chance {r['chance']:.3f}, copying the source point "
+                  f"{r['copy']:.3f}; preset {args.preset})")
+        else:
+            source, target = (load_image(p, side, side) for p in (args.source, args.target))
+            points = torch.tensor(unit) * side
+            found, heat = correspond(pipe, source, target, points, args.settings, args.seed,
+                                     args.batch, not args.quiet)
+            rows = [(source, target, points, found, None, heat[0])]
+            for p, f in zip(points.tolist(), found.tolist()):
+                print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f})")
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    save_image(picture(source, target, point, found, heat), args.output)
-    print(f"query ({point[0]:.1f}, {point[1]:.1f}) -> ({found[0]:.1f}, {found[1]:.1f}) in "
-          f"{side}x{side} pixels; wrote {args.output}")
+    if args.output:
+        save_image(picture(rows[:4]), args.output)
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -7,13 +7,15 @@ its caption, the control recording as during sampling. On the toy world the subj
 mask is known, so the word's thresholded map is scored by IoU against it, beside a centred blob
 (a centred Gaussian thresholded the same way): the baseline any layout prior would reach.
 
-    python -m recipes.heatmap --toy 50 --weights weights/toy       # mean IoU, and the baseline
+    python -m recipes.heatmap --toy 50 --weights weights/toy -o heat.png   # mean IoU, baseline
 """
 
 import argparse
 import sys
+from pathlib import Path
 
-from recipes import load, model_options
+from recipes import load, model_options, toy_image, toy_scenes, toy_world
+from sd.files import unwritable
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +30,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.4, help="tau on the normalised map "
                    "(default 0.4, DAAM's)")
     model_options(p)
+    p.add_argument("-o", "--output", type=Path, help="picture of the first 4 scenes: photo, map, "
+                   "mask against the exact mask")
     args = p.parse_args(argv)
+    if args.output and (message := unwritable(args.output)):
+        p.error(message)
     if args.toy < 1 or args.steps < 1 or not 0 <= args.threshold <= 1:
         p.error("--toy and --steps must be at least 1, --threshold within 0 to 1")
     return args
@@ -39,6 +45,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from sd import ddim  # noqa: E402
 from sd.pipeline import HeatMap, Pipeline  # noqa: E402
@@ -72,18 +79,12 @@ def centred_blob(h: int, w: int, threshold: float) -> torch.Tensor:
 
 
 def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: float = 7.5,
-                 threshold: float = 0.4, seed: int = 0) -> dict[str, float]:
+                 threshold: float = 0.4, seed: int = 0) -> tuple[dict[str, float], list[tuple]]:
     """Mean IoU of the subject word's mask (the shape's name; DAAM's tau) with the exact subject
-    mask over held-out one-subject toy scenes, and of a centred blob with the same masks."""
-    from PIL import Image
-
-    from recipes import toy_world
-
-    world, scores, blobs, i = toy_world(), [], [], 0
-    while len(scores) < scenes:
-        scene, i = world.test_scene(i, two=0.0), i + 1
-        if len(scene.subjects) != 1:
-            continue
+    mask over held-out one-subject toy scenes, and of a centred blob with the same masks; and per
+    scene (photo [3, H, W] in [0, 1], normalised map [H, W], exact mask) for a picture."""
+    world, scores, blobs, shown = toy_world(), [], [], []
+    for i, scene in enumerate(toy_scenes(scenes)):
         photo, masks, _ = world.render(scene)
         truth = torch.from_numpy(masks[0])
         z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
@@ -94,23 +95,45 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: fl
         up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-8)
         scores.append(iou(up >= threshold, truth))
         blobs.append(iou(centred_blob(*truth.shape, threshold), truth))
-    return {"mean iou": sum(scores) / scenes, "centred blob iou": sum(blobs) / scenes}
+        shown.append((toy_image(photo)[0], up.clamp(0, 1), truth))
+    return {"mean iou": sum(scores) / scenes, "centred blob iou": sum(blobs) / scenes}, shown
+
+
+def picture(shown: list[tuple], threshold: float) -> Image.Image:
+    """Per scene: the photo, its map over it, and the thresholded map against the exact mask
+    (white: both, red: the map alone, blue: the mask alone); shown 4x."""
+    from sd.images import grid, overlay, to_pil
+
+    rows = []
+    for photo, heat, truth in shown:
+        image, mask = to_pil(photo[None])[0], heat >= threshold
+        both = torch.stack([mask, mask & truth, truth]).float()  # red, green, blue
+        row = [image, overlay(image, heat), to_pil(both[None])[0]]
+        rows.append([im.resize((256, 256), Image.Resampling.NEAREST) for im in row])
+    return grid(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from recipes import toy_world
+    from sd.images import image_format, save_image
     from sd.weights import WeightsError
 
     try:
+        if args.output:
+            image_format(args.output)
         toy_world()
         pipe = load(args)
-        result = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
-                              args.seed)
+        r, shown = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
+                                args.seed)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(", ".join(f"{k}: {v:.3f}" for k, v in result.items()))
+    print(f"mean IoU of the shape word's mask with the exact subject mask: {r['mean iou']:.3f} "
+          f"(centred blob {r['centred blob iou']:.3f}; {args.toy} toy scenes, tau "
+          f"{args.threshold:g}, {args.steps} timesteps)")
+    if args.output:
+        save_image(picture(shown[:4], args.threshold), args.output)
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -111,11 +111,17 @@ def test_cli_end_to_end_on_tiny(tmp_path):
     assert Image.open(out).size == (64, 64)
 
 
-def test_toy_evaluation_runs(pipe):
+def test_toy_evaluation_and_picture(pipe, tmp_path):
     pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
     from recipes.cds import evaluate_toy
 
-    result = evaluate_toy(pipe, 1, replace(Settings(), iterations=1))
-    assert set(result) == {f"{m} {k} psnr" for m in ("dds", "cds") for k in ("background",
-                                                                             "subject")}
+    result, shown = evaluate_toy(pipe, 1, replace(Settings(), iterations=1))
+    assert set(result) == {"unedited subject", "dds background", "dds subject",
+                           "cds background", "cds subject"}
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values())
+    assert len(shown) == 1 and [x.shape for x in shown[0]] == [(1, 3, 64, 64)] * 4
+    out = tmp_path / "toy.png"
+    r = run_python("-m", "recipes.cds", "--toy", "1", "--model", "tiny", "--iterations", "1",
+                   "-q", "-o", str(out))
+    assert r.returncode == 0 and "background PSNR" in r.stdout, r.stderr
+    assert Image.open(out).size == (4 * 256, 256)

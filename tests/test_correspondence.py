@@ -2,6 +2,9 @@
 train/scenes.py is present."""
 
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import run_python
@@ -10,6 +13,7 @@ from PIL import Image
 from recipes.correspondence import (
     Settings,
     argmax_point,
+    correspond,
     crop_box,
     decoder_sites,
     gaussian,
@@ -30,7 +34,7 @@ def test_sites_are_the_coarse_decoder_cross_layers(pipe):
 def test_maps_are_differentiable_back_to_the_context(pipe):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 77, 32, requires_grad=True)
-    maps = token_maps(pipe, z, context, decoder_sites(pipe, 4), 141, torch.Generator())
+    maps = token_maps(pipe, z, context, decoder_sites(pipe, 4), 141, [torch.Generator()])
     assert maps.shape == (1, 4, 64, 64)
     maps[..., :8, :8].sum().backward()
     assert torch.isfinite(context.grad).all()
@@ -46,11 +50,11 @@ def test_optimisation_moves_the_peak_toward_the_query(pipe):
     seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     start = torch.randn(1, 77, 32, generator=seeded())  # optimise's first draw from seed 0
     peak = lambda context: torch.tensor(argmax_point(  # noqa: E731
-        locate(pipe, image, context, s, seeded(), sites)))
+        locate(pipe, image, context, s, [seeded()], sites)[0]))
     before = peak(start)
     candidates = torch.tensor([[12.0, 14.0], [50.0, 40.0], [40.0, 10.0], [10.0, 54.0]])
     for q in candidates[(candidates - before).norm(dim=1).argsort()[-2:]]:  # the two farthest
-        context, losses = optimise(pipe, image, q, s, seeded(), sites)
+        context, losses = optimise(pipe, image, q[None], s, [seeded()], sites)
         after = peak(context)
         assert losses[-1] < losses[0]
         assert (after - q).norm() < 0.5 * (before - q).norm(), (q, before, after)
@@ -65,6 +69,38 @@ def test_crops_hold_the_point_and_the_gaussian_peaks_there():
             assert x0 <= x < x0 + c and y0 <= y < y0 + c
     m = gaussian(torch.tensor([10.5, 20.5]), 32, 2.0)
     assert argmax_point(m) == (10.5, 20.5) and m.max() == 1
+
+
+def test_answers_do_not_depend_on_the_batch(pipe):
+    """Each embedding draws from its own generator: any batch gives the same points and maps."""
+    g = torch.Generator().manual_seed(2)
+    source, target = torch.rand(2, 1, 3, 64, 64, generator=g)
+    points = torch.tensor([[10.0, 20.0], [40.0, 50.0]])
+    s = Settings(steps=3, inits=2, crops=5, lr=0.05)
+    found, heat = correspond(pipe, source, target, points, s, seed=3, batch=4)
+    assert heat.shape == (2, 64, 64) and found.shape == (2, 2)
+    for batch in (1, 3):
+        again, heat_again = correspond(pipe, source, target, points, s, seed=3, batch=batch)
+        assert torch.equal(again, found)
+        assert (heat_again - heat).abs().max() <= 1e-5 * heat.abs().max()
+
+
+def test_presets_and_overrides():
+    from recipes.correspondence import PRESETS, parse
+
+    assert parse(["--toy", "1"]).settings == PRESETS["paper"]
+    args = parse(["--toy", "1", "--preset", "toy", "--steps", "7"])
+    assert args.settings == replace(PRESETS["toy"], steps=7) != PRESETS["toy"]
+
+
+def test_chance_is_the_share_of_pixels_near_the_truth():
+    from recipes.correspondence import chance
+
+    centre = chance(torch.tensor([[32.0, 32.0]]), 64, 0.1)
+    assert centre == pytest.approx(math.pi * 6.4**2 / 64**2, rel=0.05)
+    assert chance(torch.tensor([[0.0, 0.0]]), 64, 0.1) == pytest.approx(centre / 4, rel=0.1)
+    assert chance(torch.tensor([[32.0, 32.0], [0.0, 0.0]]), 64) == pytest.approx(
+        (centre + chance(torch.tensor([[0.0, 0.0]]), 64)) / 2)
 
 
 def test_pck():
@@ -99,6 +135,11 @@ def test_cli_end_to_end_on_tiny(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "query (20.0, 30.0) ->" in r.stdout
     assert Image.open(out).size == (3 * 256, 256)  # shown 4x
+    r = run_python("-m", "recipes.correspondence", "--toy", "1", "--model", "tiny", "--steps",
+                   "1", "--inits", "1", "--crops", "1", "-o", str(out), "-q")
+    if r.returncode == 0:  # the toy world is present
+        assert "PCK@0.1: " in r.stdout and "chance 0.0" in r.stdout
+        assert Image.open(out).size == (3 * 256, 256)
 
 
 def test_toy_keypoints_and_pairs():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_python
 
 from sd.attention import Control, Site, attention
 from sd.config import TINY
@@ -123,31 +124,28 @@ def test_iou_and_centred_blob():
                                                                           * blob.sum().item()))
 
 
-def test_toy_heat_map_evaluation_runs(tiny):
+def test_toy_heat_map_evaluation_and_picture(tiny, tmp_path):
     pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
-    from recipes.heatmap import evaluate_toy
+    from recipes.heatmap import evaluate_toy, picture
 
-    result = evaluate_toy(Pipeline(tiny, TINY), scenes=2, steps=2)
+    result, shown = evaluate_toy(Pipeline(tiny, TINY), scenes=2, steps=2)
     assert set(result) == {"mean iou", "centred blob iou"}
-    assert all(0 <= v <= 1 for v in result.values())
+    assert all(0 <= v <= 1 for v in result.values()) and len(shown) == 2
+    photo, heat, truth = shown[0]
+    assert photo.shape == (3, 64, 64) and heat.shape == truth.shape == (64, 64)
+    assert heat.min() == 0 and heat.max() == 1 and truth.dtype == torch.bool
+    assert picture(shown, 0.4).size == (3 * 256, 2 * 256)
 
 
-def test_heatmap_cli_help_is_fast_and_needs_the_toy_world():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
-    r = run("-X", "importtime", "-m", "recipes.heatmap", "--help")
+def test_heatmap_cli_help_is_fast_and_needs_the_toy_world(tmp_path):
+    r = run_python("-X", "importtime", "-m", "recipes.heatmap", "--help")
     assert r.returncode == 0 and "--threshold" in r.stdout and " torch\n" not in r.stderr
-    r = run("-m", "recipes.heatmap", "--toy", "1", "--threshold", "2")
+    r = run_python("-m", "recipes.heatmap", "--toy", "1", "--threshold", "2")
     assert r.returncode == 2 and "--threshold" in r.stderr.splitlines()[-1]
+    r = run_python("-m", "recipes.heatmap", "--toy", "1", "-o", str(tmp_path))
+    assert r.returncode == 2 and "folder" in r.stderr
     try:
         import train.scenes  # noqa: F401
     except ImportError:
-        r = run("-m", "recipes.heatmap", "--toy", "1", "--model", "tiny")
+        r = run_python("-m", "recipes.heatmap", "--toy", "1", "--model", "tiny")
         assert r.returncode == 1 and "train/scenes.py" in r.stderr and "Traceback" not in r.stderr
