@@ -5,7 +5,8 @@
   for a given image and scores it on the toy world;
 - `recipes.correspondence`: unsupervised semantic correspondence (Hedlin et al., NeurIPS 2023);
 - `recipes.cds`: Delta and Contrastive Denoising Score editing (Hertz et al. 2023; Nam et al.,
-  CVPR 2024).
+  CVPR 2024);
+- `recipes.toy`: the toy world as their benchmark (scenes, keypoints, pairs).
 Below: the command-line options and model loading the recipes share. Nothing here imports torch
 at import time, so every recipe's --help answers before torch loads.
 """
@@ -57,26 +58,6 @@ def settings_from(args: argparse.Namespace, presets: dict):
                             for k, v in given.items() if v is not None})
 
 
-def toy_world():
-    """train.scenes, the toy world's scene generator, or a ValueError that says it is missing."""
-    try:
-        from train import scenes
-    except ImportError as e:
-        raise ValueError("--toy needs the toy world's scene generator, train/scenes.py, which "
-                         "this checkout does not have") from e
-    return scenes
-
-
-def toy_scenes(count: int) -> list:
-    """The first `count` held-out toy scenes with one subject (every --toy evaluation's set)."""
-    world, found, i = toy_world(), [], 0
-    while len(found) < count:
-        scene, i = world.test_scene(i, two=0.0), i + 1
-        if len(scene.subjects) == 1:
-            found.append(scene)
-    return found
-
-
 def load(args: argparse.Namespace):
     """The pipeline the options name; says on stderr which model it is. Raises WeightsError,
     or ValueError for a device this machine lacks."""
@@ -90,9 +71,3 @@ def load(args: argparse.Namespace):
           f"{device} in {args.dtype}", file=sys.stderr)
     return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])
 
-
-def toy_image(array):
-    """A toy render [H, W, 3] uint8 -> [1, 3, H, W] in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255

@@ -1,18 +1,18 @@
 """Unsupervised semantic correspondence with Stable Diffusion (Hedlin et al., NeurIPS 2023,
-arXiv 2305.15581). A free context [1, 77, width] is optimised so that the cross-attention map of
-its first token (after BOS), read at the decoder's two coarsest attention levels, matches a
-Gaussian at a query point on random crops of the noised source image. On the target image the
-argmax of the same map, averaged over crops and random initialisations, is the answer.
+arXiv 2305.15581): a free context [1, 77, width] is optimised so that the cross-attention map of
+its first token (after BOS), read at the decoder's two coarsest attention levels, is a Gaussian at
+a query point on random crops of the noised source image; on the target image the argmax of the
+same map, averaged over crops and random initialisations, is the answer.
 
 Presets: `paper`, the authors' released settings (ubc-vision/LDM_correspondences; at 512 px their
 layers 5-8: three at 16x16, one at 32x32); `toy`, for the 64 px toy model, whose 64-wide context
 moves the logits far less per Adam step than SD's 1024-wide one: a 40x larger rate, fewer steps,
-initialisations and crops (about 10 s per toy pair on one CPU thread). Departures: Gaussian noise
-(theirs torch.rand); the target is noised at the source's timestep (theirs timesteps[-3]); no
-flips (their default); embeddings are optimised side by side, each with its own random draws.
+initialisations and crops. Departures: Gaussian noise (theirs torch.rand); the target is noised
+at the source's timestep (theirs timesteps[-3]); no flips (their default); several embeddings
+are optimised side by side, each with its own random draws.
 
     python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
-    python -m recipes.correspondence --toy 20 --preset toy --weights weights/toy -o pck.png
+    python -m recipes.correspondence --toy 20 --preset toy --batch 12 --weights weights/toy
 """
 
 import argparse
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes import load, model_options, settings_from, settings_options, toy_image, toy_world
+from recipes import load, model_options, settings_from, settings_options
 from sd.files import unwritable
 
 
@@ -74,7 +74,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(message)
     if args.toy is None and (args.target is None or args.point is None):
         p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
-    if min(s.steps, s.inits, s.crops, s.layers, args.batch, args.toy or 1) < 1:
+    pairs = 1 if args.toy is None else args.toy
+    if min(s.steps, s.inits, s.crops, s.layers, args.batch, pairs) < 1:
         p.error("--steps, --inits, --crops, --layers, --batch and --toy: give 1 or more")
     if not -s.schedule <= s.noise_index < s.schedule:
         p.error(f"--noise-index: give -{s.schedule} to {s.schedule - 1} (--schedule steps)")
@@ -89,6 +90,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from recipes import toy  # noqa: E402
 from sd import ddim  # noqa: E402
 from sd.attention import Control, apply_map, attention, attention_map  # noqa: E402
 from sd.pipeline import Pipeline  # noqa: E402
@@ -119,19 +121,6 @@ def decoder_sites(pipe: Pipeline, count: int) -> list[str]:
     return [s.name for s in cross if s.level in levels][:count]
 
 
-def token_maps(pipe: Pipeline, z: torch.Tensor, context: torch.Tensor, sites: list[str], t: int,
-               gens: Gens) -> torch.Tensor:
-    """Maps [B, layers, H, W] at image size (bilinear) of z noised to timestep t, each row with
-    Gaussian noise from its own generator."""
-    noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
-    ctrl = FirstTokenMaps(sites)
-    x = ddim.add_noise(z, noise.to(z.device, z.dtype), t, pipe.ac)
-    pipe.models.unet(x, t, context.to(pipe.dtype), ctrl)
-    hw, size = z.shape[-2:], [n * pipe.cfg.vae.factor for n in z.shape[-2:]]
-    maps = [m.unflatten(-1, s.shape(hw))[:, None] for m, s in ctrl.maps.values()]
-    return torch.cat([F.interpolate(m, size=size, mode="bilinear") for m in maps], 1)
-
-
 def crop_box(point: torch.Tensor, side: int, frac: float, g: torch.Generator) -> tuple[int, ...]:
     """(x0, y0, c): a random c x c crop holding `point` at least 15% of c inside its border where
     the image allows (Hedlin et al.'s crop_image)."""
@@ -144,13 +133,22 @@ def crop_box(point: torch.Tensor, side: int, frac: float, g: torch.Generator) ->
     return start[0], start[1], c
 
 
-@torch.no_grad()
-def encode_crops(pipe: Pipeline, image: torch.Tensor, boxes: list[tuple[int, ...]]):
-    """The crops of image [1, 3, S, S] in [0, 1], each resized back to S x S, as scaled latents."""
+def crop_maps(pipe: Pipeline, image: torch.Tensor, boxes: list[tuple[int, ...]],
+              context: torch.Tensor, sites: list[str], t: int, gens: Gens) -> torch.Tensor:
+    """Maps [B, layers, S, S] of the crops (x0, y0, c) of image [1, 3, S, S] in [0, 1], each
+    resized back to S x S, encoded, noised to timestep t with noise from its own generator, and
+    read with its own context; bilinear at image size."""
     crops = [F.interpolate(image[..., y0:y0 + c, x0:x0 + c], size=image.shape[-2:],
                            mode="bilinear", antialias=True) for x0, y0, c in boxes]
-    x = torch.cat(crops).to(pipe.device, pipe.dtype) * 2 - 1
-    return pipe.models.vae.encode(x).mean * pipe.cfg.vae.scaling
+    with torch.no_grad():
+        z = pipe.models.vae.encode(torch.cat(crops).to(pipe.device, pipe.dtype) * 2 - 1).mean
+    noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z)
+    ctrl = FirstTokenMaps(sites)
+    x = ddim.add_noise(z * pipe.cfg.vae.scaling, noise, t, pipe.ac)
+    pipe.models.unet(x, t, context.to(pipe.dtype), ctrl)
+    hw = z.shape[-2:]
+    maps = [m.unflatten(-1, s.shape(hw))[:, None] for m, s in ctrl.maps.values()]
+    return torch.cat([F.interpolate(m, size=image.shape[-2:], mode="bilinear") for m in maps], 1)
 
 
 def gaussian(point: torch.Tensor, side: int, sigma: float) -> torch.Tensor:
@@ -175,9 +173,9 @@ def optimise(pipe: Pipeline, image: torch.Tensor, points: torch.Tensor, s: Setti
     opt, losses = torch.optim.Adam([context], lr=s.lr), []
     for _ in range(s.steps):
         boxes = [crop_box(p, side, s.crop, g) for p, g in zip(points, gens)]
-        wanted = torch.stack([gaussian((p - torch.tensor(b[:2])) * side / b[2], side, s.sigma * side)
-                              for p, b in zip(points, boxes)])  # each point in its resized crop
-        maps = token_maps(pipe, encode_crops(pipe, image, boxes), context, sites, t, gens)
+        at = [(p - torch.tensor(b[:2])) * side / b[2] for p, b in zip(points, boxes)]
+        wanted = torch.stack([gaussian(a, side, s.sigma * side) for a in at])  # in resized crops
+        maps = crop_maps(pipe, image, boxes, context, sites, t, gens)
         # Each layer's map against the Gaussian, averaged over layers as their code does; summed
         # over rows, so that each row's gradient is what it would be alone.
         loss = (maps - wanted[:, None].to(maps.device)).pow(2).mean((1, 2, 3))
@@ -199,7 +197,7 @@ def locate(pipe: Pipeline, image: torch.Tensor, context: torch.Tensor, s: Settin
     for i in range(s.crops):
         at = [corners[i] if i < 4 else argmax_point(m) for m in total / count.clamp_min(1)]
         boxes = [crop_box(torch.tensor(a), side, s.crop, g) for a, g in zip(at, gens)]
-        maps = token_maps(pipe, encode_crops(pipe, image, boxes), context, sites, t, gens)
+        maps = crop_maps(pipe, image, boxes, context, sites, t, gens)
         maps = maps.mean(1, keepdim=True).float().cpu()
         for r, (x0, y0, c) in enumerate(boxes):
             total[r, y0:y0 + c, x0:x0 + c] += F.interpolate(maps[r:r + 1], size=(c, c),
@@ -247,47 +245,15 @@ def chance(true: torch.Tensor, side: int, alpha: float = 0.1) -> float:
     return ((grid - true).norm(dim=-1) <= alpha * side).float().mean().item()
 
 
-def keypoints(subject) -> torch.Tensor:
-    """[K, 2] pixel points defined on a toy subject: the centre (mean of its outline), the tips
-    of triangles, squares and stars and a heart's bottom, placed as train/scenes.py draws them."""
-    import math
-
-    poly = torch.tensor(toy_world().outline(subject.shape)[0], dtype=torch.float32)
-    n = len(poly)  # a heart's outline is parametric in t; its bottom tip is at t = pi
-    tips = {"triangle": poly, "square": poly, "star": poly[::2],
-            "heart": poly[n // 2:n // 2 + 1]}.get(subject.shape, poly[:0])
-    a = math.radians(subject.angle)
-    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    unit = torch.cat([poly.mean(0, keepdim=True), tips])
-    return unit @ rot.T * subject.radius + torch.tensor([subject.x, subject.y])
-
-
-def toy_pairs(count: int) -> list[tuple]:
-    """Held-out one-subject toy scenes paired with the next of the same shape and another colour
-    (so places, sizes and colours differ), shapes in turn: [(source, target), ...]."""
-    scenes, waiting, pairs, i = toy_world(), {}, [], 0
-    while len(pairs) < count:
-        scene, i = scenes.test_scene(i, two=0.0), i + 1
-        shape = scene.subjects[0].shape
-        if len(scene.subjects) != 1 or any(shape == a.subjects[0].shape for a, _ in pairs[-5:]):
-            continue  # the last five pairs hold the other shapes: take the next one in turn
-        other = waiting.pop(shape, None)
-        if other is not None and other.subjects[0].colour != scene.subjects[0].colour:
-            pairs.append((other, scene))
-        else:
-            waiting[shape] = scene
-    return pairs
-
-
 def evaluate_toy(pipe: Pipeline, pairs: int = 20, alpha: float = 0.1, s: Settings = PRESETS["toy"],
                  seed: int = 0, batch: int = 5, progress: bool = False) -> tuple[dict, list]:
     """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
     beside chance and copying the source point; and per pair (source, target, queries, answers,
     truth, the first point's map) for a picture."""
-    render, preds, trues, copies, shown = toy_world().render, [], [], [], []
-    for n, (src, tgt) in enumerate(toy_pairs(pairs)):
-        source, target = toy_image(render(src)[0]), toy_image(render(tgt)[0])
-        query, true = keypoints(src.subjects[0]), keypoints(tgt.subjects[0])
+    render, preds, trues, copies, shown = toy.world().render, [], [], [], []
+    for n, (src, tgt) in enumerate(toy.pairs(pairs)):
+        source, target = toy.image(render(src)[0]), toy.image(render(tgt)[0])
+        query, true = toy.keypoints(src.subjects[0]), toy.keypoints(tgt.subjects[0])
         found, heat = correspond(pipe, source, target, query, s, seed + 1000 * n, batch)
         preds, trues, copies = preds + [found], trues + [true], copies + [query]
         shown.append((source, target, query, found, true, heat[0]))
@@ -327,9 +293,9 @@ def picture(rows: list[tuple]) -> "Image.Image":
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from sd.images import image_format, load_image, save_image
+    from sd.images import image_format, load_image, rgb, save_image
     from sd.weights import WeightsError
 
     try:  # what the user gave is checked before the model loads
@@ -339,14 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             for path in (args.source, args.target):
                 load_image(path, 64, 64)
             with Image.open(args.source) as im:  # as displayed, and as load_image crops it
-                w, h = ImageOps.exif_transpose(im).size
+                w, h = rgb(im).size
             unit = [[(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(q, (w, h))]
                     for q in args.point]
             if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
                 raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
                                  f"square of the {w}x{h} source image")
         else:
-            toy_world()
+            toy.world()
         pipe = load(args)
         side = pipe.cfg.resolution
         if args.toy is not None:

@@ -15,12 +15,12 @@ from recipes.correspondence import (
     argmax_point,
     correspond,
     crop_box,
+    crop_maps,
     decoder_sites,
     gaussian,
     locate,
     optimise,
     pck,
-    token_maps,
 )
 
 
@@ -32,9 +32,10 @@ def test_sites_are_the_coarse_decoder_cross_layers(pipe):
 
 
 def test_maps_are_differentiable_back_to_the_context(pipe):
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 77, 32, requires_grad=True)
-    maps = token_maps(pipe, z, context, decoder_sites(pipe, 4), 141, [torch.Generator()])
+    sites = decoder_sites(pipe, 4)
+    maps = crop_maps(pipe, image, [(0, 0, 64)], context, sites, 141, [torch.Generator()])
     assert maps.shape == (1, 4, 64, 64)
     maps[..., :8, :8].sum().backward()
     assert torch.isfinite(context.grad).all()
@@ -144,11 +145,11 @@ def test_cli_end_to_end_on_tiny(tmp_path):
 
 def test_toy_keypoints_and_pairs():
     scenes = pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
-    from recipes.correspondence import keypoints, toy_pairs
+    from recipes.toy import keypoints, pairs
 
-    pairs = toy_pairs(12)
-    assert len(pairs) == 12 and len({a.subjects[0].shape for a, _ in pairs}) == 6
-    for a, b in pairs:
+    found = pairs(12)
+    assert len(found) == 12 and len({a.subjects[0].shape for a, _ in found}) == 6
+    for a, b in found:
         sa, sb = a.subjects[0], b.subjects[0]
         assert sa.shape == sb.shape and sa.colour != sb.colour
         for scene in (a, b):
