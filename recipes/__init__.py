@@ -42,7 +42,7 @@ def settings_options(p: argparse.ArgumentParser, presets: dict, words: dict[str,
     show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else f"{v:.6g}"  # noqa: E731
     for f in fields(presets[names[0]]):
         values = [show(getattr(s, f.name)) for s in presets.values()]
-        shown = values[0] if len(set(values)) == 1 else ", ".join(
+        shown = f"default {values[0]}" if len(set(values)) == 1 else ", ".join(
             f"{n} {v}" for n, v in zip(names, values))
         many = isinstance(f.default, tuple)
         p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+" if many else None,

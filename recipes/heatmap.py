@@ -22,7 +22,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.heatmap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", type=int, metavar="SCENES", required=True,
-                   help="held-out one-subject toy scenes to score")
+                   help="held-out one-subject toy scenes to score (the README's numbers: --toy "
+                   "50 at the defaults, about 1.5 min on one CPU thread)")
     p.add_argument("--steps", type=int, default=50, help="timesteps the maps are summed over "
                    "(a DDIM schedule, default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of each evaluation "
