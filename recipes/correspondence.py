@@ -12,7 +12,7 @@ at the source's timestep (theirs timesteps[-3]); no flips (their default); sever
 are optimised side by side, each with its own random draws.
 
     python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
-    python -m recipes.correspondence --toy 20 --preset toy --batch 12 --weights weights/toy
+    python -m recipes.correspondence --toy 30 --preset toy --batch 12 --weights weights/toy
 """
 
 import argparse
@@ -59,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"), action="append",
                    help="a query, in the source image's pixels (x right, y down); repeatable")
     p.add_argument("--toy", type=int, metavar="PAIRS", help="instead: PCK on PAIRS held-out toy "
-                   "scene pairs (the README's numbers: --toy 20 --preset toy --batch 12, a few "
+                   "scene pairs (the README's numbers: --toy 30 --preset toy --batch 12, a few "
                    "minutes on one CPU thread; -o draws the first 4 pairs)")
     p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold, a fraction of the "
                    "image side (default 0.1)")
@@ -247,7 +247,7 @@ def chance(true: torch.Tensor, side: int, alpha: float = 0.1) -> float:
     return ((grid - true).norm(dim=-1) <= alpha * side).float().mean().item()
 
 
-def evaluate_toy(pipe: Pipeline, pairs: int = 20, alpha: float = 0.1, s: Settings = PRESETS["toy"],
+def evaluate_toy(pipe: Pipeline, pairs: int = 30, alpha: float = 0.1, s: Settings = PRESETS["toy"],
                  seed: int = 0, batch: int = 5, progress: bool = False) -> tuple[dict, list]:
     """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
     beside chance and copying the source point; and per pair (source, target, queries, answers,
@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             found, heat = correspond(pipe, source, target, points, args.settings, args.seed,
                                      args.batch, not args.quiet)
             rows = [(source, target, points, found, None, heat[0])]
-            for p, f in zip(points.tolist(), found.tolist()):
-                print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f})")
+            for p, f in zip(points.tolist(), found.tolist()):  # as the model sees the images
+                print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f}) in the "
+                      f"{side}x{side} centre squares")
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
