@@ -105,17 +105,18 @@ def expect(folder: Path, files: list[str], what: str) -> None:
 
 
 def training_state(step: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   gen: torch.Generator) -> dict:
-    """Everything besides the weights that a bit-exact resume needs; tensors and plain types
-    only, so it loads with torch.load(weights_only=True)."""
+                   gen: torch.Generator, seconds: float = 0.0) -> dict:
+    """Everything besides the weights that a bit-exact resume needs, and the training time so
+    far; tensors and plain types only, so it loads with torch.load(weights_only=True)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+    return {"step": step, "seconds": seconds, "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": {"data": gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
 
 
 def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            gen: torch.Generator) -> int:
-    """Load a training_state() from a checkpoint folder; returns its step."""
+            gen: torch.Generator) -> tuple[int, float]:
+    """Load a training_state() from a checkpoint folder; returns its step and seconds."""
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved without fp16
@@ -124,7 +125,7 @@ def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScal
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], state.get("seconds", 0.0)  # older ones lack seconds
 
 
 def load_modules(folder: Path, **modules: nn.Module) -> None:
