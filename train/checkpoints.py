@@ -1,5 +1,5 @@
 """Checkpoints: out/checkpoint-N/ folders that an interrupted save never destroys, the `latest`
-pointer, resuming bit for bit, and pruning old ones.
+pointer, resuming bit for bit, pruning old ones, and the metrics log that a resume cuts back.
 
 A checkpoint holds what the trainer writes (the trained weights) and state.pt, everything else a
 bit-exact resume needs (step, optimizer, GradScaler, random states). It is written as
@@ -93,6 +93,28 @@ def find(out: Path, resume: str) -> Path:
     if not (folder / "state.pt").is_file():
         raise UsageError(f"--resume: {folder} is not a checkpoint (no state.pt in it)")
     return folder
+
+
+def log_row(file: Path, row: dict) -> None:
+    """Append a row to a CSV file (its keys are the header of a new file)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+        if f.tell() == 0:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(f"{v:.5g}" if isinstance(v, float) else str(v) for v in row.values())
+                + "\n")
+
+
+def cut_log(file: Path, step: int) -> None:
+    """Drop the rows after `step` (the resumed run writes them again); no rows left: no file."""
+    if not file.exists():
+        return
+    header, *rows = file.read_text().splitlines(keepends=True)
+    rows = [r for r in rows if int(r.split(",")[0]) <= step]
+    if rows:
+        file.write_text(header + "".join(rows))
+    else:
+        file.unlink()
 
 
 def expect(folder: Path, files: list[str], what: str) -> None:

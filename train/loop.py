@@ -15,8 +15,8 @@ import argparse
 import copy
 import math
 import os
-import time
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from sd import ddim
@@ -152,7 +152,8 @@ class Settings:
     warmup_steps: int = 0
     schedule: str = "constant"  # after the warmup: "constant", or "cosine" down to final_lr x lr
     final_lr: float = 0.02
-    weight_decay: float = 1e-2  # AdamW's, as diffusers' example trainers
+    # AdamW's; 1e-2, betas (0.9, 0.999) and eps 1e-8 as diffusers' example trainers
+    weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"  # autocast dtype over fp32 master weights; fp16 adds a GradScaler
     checkpoint_every: int = 0  # and at the end
@@ -183,9 +184,10 @@ def lr_at(s: Settings, step: int) -> float:
 
 
 class EMA:
-    """An exponential moving average of a model's parameters, the copy one samples from, with
-    LDM's warm-up of the decay, min(decay, (1 + n) / (10 + n)) after n updates
-    (CompVis/latent-diffusion ldm/modules/ema.py): early on the average follows the model."""
+    """An exponential moving average of a model's parameters (the copy one samples from) with
+    LDM's warm-up of the decay, so that early on the average follows the model: min(decay,
+    (1 + n) / (10 + n)) at step n from 0 (CompVis/latent-diffusion ldm/modules/ema.py LitEma,
+    which counts its updates from 1)."""
 
     FILE = "ema.safetensors"  # in each checkpoint folder
 
@@ -206,28 +208,6 @@ class EMA:
 
     def load(self, folder: Path) -> None:
         self.module.load_state_dict(load_file(folder / self.FILE))
-
-
-def log_row(file: Path, row: dict) -> None:
-    """Append a row to a CSV file (its keys are the header of a new file)."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with file.open("a") as f:
-        if f.tell() == 0:
-            f.write(",".join(row) + "\n")
-        f.write(",".join(f"{v:.5g}" if isinstance(v, float) else str(v) for v in row.values())
-                + "\n")
-
-
-def cut_log(file: Path, step: int) -> None:
-    """Drop the rows after `step` (a resumed run writes them again); no rows left: no file."""
-    if not file.exists():
-        return
-    header, *rows = file.read_text().splitlines(keepends=True)
-    rows = [r for r in rows if int(r.split(",")[0]) <= step]
-    if rows:
-        file.write_text(header + "".join(rows))
-    else:
-        file.unlink()
 
 
 def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
@@ -259,7 +239,7 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
         run.say(f"resumed from {folder} at step {first}")
     log = s.out / "log.csv"
     if evaluate is not None and run.main:
-        cut_log(log, first)
+        checkpoints.cut_log(log, first)
     ddp = run.wrap(model)
 
     def write_weights(folder: Path) -> None:
@@ -286,12 +266,12 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
         keep = done == s.steps or (s.checkpoint_every and done % s.checkpoint_every == 0)
-        look = preview and s.validate_every and done % s.validate_every == 0
-        measure = evaluate and (done == s.steps or s.validate_every and done % s.validate_every == 0)
+        due = s.validate_every and done % s.validate_every == 0
+        look, measure = preview and due, evaluate and (due or done == s.steps)
         if run.main and measure:  # before the checkpoint: a crash between them loses no row
             row = {"step": done, "seconds": round(time.monotonic() - start), "loss": total}
             row.update(evaluate(model if ema is None else ema.module, done))
-            log_row(log, row)
+            checkpoints.log_row(log, row)
             run.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in row.items()))
         if run.main and keep:
