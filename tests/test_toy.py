@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     lrs = [lr_at(s, k) for k in range(102)]
     assert lrs[:3] == [0.5, 1.0, 1.0]  # linear warmup from lr / warmup, then the cosine's top
     assert abs(lrs[52] - 0.55) < 1e-12  # halfway: (1 + floor) / 2
-    assert abs(lr_at(s, 102) - 0.1) < 1e-12 and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert abs(lr_at(s, 102) - 0.1) < 1e-12 and all(a > b for a, b in pairwise(lrs[2:]))
     assert [lr_at(replace(s, schedule="constant"), k) for k in (0, 1, 50)] == [0.5, 1.0, 1.0]
 
 

@@ -13,13 +13,14 @@ weights/toy/README.md.
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from sd import ddim
 from sd.clip import TextEncoder
@@ -54,7 +55,8 @@ def stage_settings(out: Path, r: dict, seed: int, progress: bool) -> Settings:
                     quiet=not progress)
 
 
-def stage(s: Settings, model: nn.Module, loss, evaluate, ema: EMA | None = None) -> nn.Module:
+def stage(s: Settings, model: nn.Module, loss: Callable[[nn.Module, torch.Generator, int], Tensor],
+          evaluate: Callable[[nn.Module, int], dict], ema: EMA | None = None) -> nn.Module:
     """Train every parameter of `model` (one process); the EMA model if any, else the model."""
     file = "model.safetensors"
 
