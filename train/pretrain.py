@@ -163,6 +163,7 @@ VAE_RECIPE = dict(steps=4000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192, wa
 
 def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
     r = VAE_RECIPE
+    s = stage_settings(run_dir / "vae", r, seed, progress)  # first: it refuses an old run
     torch.manual_seed(seed)
     images, _ = toydata.pool("train", r["pool"], run_dir, progress)
     test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
@@ -175,7 +176,6 @@ def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
         psnr, std = vae_psnr(model, test)
         return {"psnr": psnr, "latent_std": std}
 
-    s = stage_settings(run_dir / "vae", r, seed, progress)
     stage(s, vae, loss, evaluate)
     finish_vae(run_dir, vae, images, test)
     return vae
@@ -195,6 +195,11 @@ def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) 
     tmp.replace(run_dir / "vae.pt")
     (run_dir / "vae.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def need_vae(run_dir: Path) -> None:
+    if not ((run_dir / "vae.json").is_file() and (run_dir / "vae.pt").is_file()):
+        raise UsageError(f"no trained VAE in {run_dir}: python -m train.pretrain vae --run ...")
 
 
 class Denoiser(nn.Module):
@@ -264,6 +269,8 @@ def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, count: int = 9
 def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = None,
                folder: str = "unet") -> Denoiser:
     r = {**UNET_RECIPE, **(recipe or {})}
+    need_vae(run_dir)
+    s = stage_settings(run_dir / folder, r, seed, progress)  # first: it refuses an old run
     torch.manual_seed(seed)
     vae = VAE(TOY.vae)
     vae.load_state_dict(torch.load(run_dir / "vae.pt"))
@@ -275,7 +282,6 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     held = latent_data(run_dir, vae, cfg, 256, "test", progress)
     empty = token_ids([""], cfg)
     data["empty"], held["empty"] = empty, empty
-    out = run_dir / folder
 
     def loss(model: Denoiser, g: torch.Generator, micro: int) -> torch.Tensor:
         return diffusion_loss(model, latent_batch({**data, "ac": ac},
@@ -287,12 +293,11 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
                "colour_ok": float("nan")}
         if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
             judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
-            row.update(adherence(model, vae, cfg, judge, grid_file=out / f"grid-{step}.png"))
+            row.update(adherence(model, vae, cfg, judge, grid_file=s.out / f"grid-{step}.png"))
         return row
 
     model = Denoiser(cfg)
-    return stage(stage_settings(out, r, seed, progress), model, loss, evaluate,
-                 EMA(model, r["ema"]))
+    return stage(s, model, loss, evaluate, EMA(model, r["ema"]))
 
 
 def main(argv=None) -> None:
@@ -319,8 +324,7 @@ def main(argv=None) -> None:
 
 def export(run_dir: Path, out: Path) -> dict:
     """The trained model as fp16 safetensors in the diffusers layout (save_weights)."""
-    if not (run_dir / "vae.json").is_file():
-        raise UsageError(f"no trained VAE in {run_dir}: python -m train.pretrain vae --run ...")
+    need_vae(run_dir)
     stats = json.loads((run_dir / "vae.json").read_text())
     cfg = toy_config(stats["scaling"])
     vae = VAE(cfg.vae)
