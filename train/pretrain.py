@@ -7,8 +7,9 @@
 Each stage is (a model, its loss, an evaluation) run by `train.loop.fit`, the trainers' shared
 loop: AdamW with warmup and cosine decay, an EMA for the UNet stage, checkpoints in
 <run>/<stage>/checkpoint-N/ (rerunning a stage resumes from the newest, bit for bit) and the
-evaluations in <run>/<stage>/log.csv. Recipe choices and the measurements behind them:
-weights/toy/README.md.
+evaluations in <run>/<stage>/log.csv. `export` also reads the single <run>/unet/checkpoint.pt
+of the loop before fit (train/toyloop.py, removed), which a stage refuses to restart over.
+Recipe choices and the measurements behind them: weights/toy/README.md.
 """
 
 import argparse
