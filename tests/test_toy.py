@@ -180,3 +180,32 @@ def test_export_reads_fit_checkpoints_and_the_earlier_loops(tmp_path):
                                                                           0.25))
         config = json.loads((tmp_path / folder / "vae" / "config.json").read_text())
         assert config["scaling_factor"] == 0.9  # the measured one, from vae.json
+
+
+def test_rerunning_a_killed_stage_resumes_it(tmp_path):
+    recipe = {"steps": 7, "lr": 0.1, "warmup": 2, "weight_decay": 0.01, "every": 3}
+
+    steps = []
+
+    def run(out, kill_at=None):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        steps.clear()
+
+        def loss(m, g, step):
+            steps.append(step)
+            if step == kill_at:
+                raise KeyboardInterrupt
+            x = torch.randn(8, 3, generator=g)
+            return ((m(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+        s = pretrain.stage_settings(out, recipe, 1, False)
+        return pretrain.stage(s, model, loss, lambda m, step: {}, EMA(model, 0.9))
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_at=5)  # after the checkpoint of step 3
+    resumed = run(tmp_path / "b")
+    assert steps == [3, 4, 5, 6]  # from the checkpoint, not from the start
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    assert (tmp_path / "b" / "latest").read_text().strip() == "checkpoint-7"
