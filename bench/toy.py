@@ -3,8 +3,8 @@
     python -m bench.toy                      # weights/toy: adherence and inversion
     python -m bench.toy --weights DIR --samples 96 --scenes 16 --guidance 7.5
 
-Adherence: one held-out single-subject caption per sample ("a photo of a red circle on a blue
-striped background", train/scenes.py's test split), DDIM from seed i, read by the judge
+Adherence (train.judge.adherence): one held-out single-subject caption per sample ("a photo of
+a red circle on a blue striped background", train/scenes.py's test split), read by the judge
 (weights/toy/judge.safetensors); the share of samples whose shape, and whose colour, is the
 caption's. Chance is 1/6 for shape and 1/8 for colour.
 
@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,20 +29,6 @@ from sd.pipeline import Pipeline
 from train import judge as judgelib
 from train import scenes
 from train.inversion import ddim_inversion, invert, psnr, reconstruct
-
-
-@torch.no_grad()
-def adherence(pipe: Pipeline, judge, samples: int, steps: int, guidance: float) -> dict:
-    truth = [scenes.test_scene(i, two=0.0) for i in range(samples)]
-    prompts = [scenes.caption(t) for t in truth]
-    images = torch.cat([pipe.decode(pipe(prompts[i:i + 32], steps=steps, guidance=guidance,
-                                         seed=i, output="latent"))
-                        for i in range(0, samples, 32)])
-    shapes, colours = judgelib.predict(judge, images * 2 - 1)
-    return {"shape_ok": float(np.mean([s == t.subjects[0].shape for s, t in zip(shapes, truth)])),
-            "colour_ok": float(np.mean([c == t.subjects[0].colour
-                                        for c, t in zip(colours, truth)])),
-            "samples": samples, "steps": steps, "guidance": guidance}
 
 
 def inversion(pipe: Pipeline, scenes_n: int, steps: int, guidance: float) -> dict:
@@ -80,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe = Pipeline.load(TOY, a.weights, torch.device("cpu"), torch.float32)
     judge = judgelib.load(a.judge)
     start = time.perf_counter()
-    out = {"weights": str(a.weights),
-           "adherence": [adherence(pipe, judge, a.samples, a.steps, g) for g in a.guidance]}
+    out = {"weights": str(a.weights), "steps": a.steps, "samples": a.samples, "adherence": [
+        {"guidance": g, **judgelib.adherence(pipe, judge, a.samples, a.steps, g)[0]}
+        for g in a.guidance]}
     out["inversion"] = inversion(pipe, a.scenes, a.steps, a.guidance[0]) if a.scenes else None
     out["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(out, indent=1))
