@@ -1,12 +1,21 @@
 """The toy model's preset, pretraining pieces and judge (fast: tiny data, a few steps)."""
 
+import json
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
 from sd import ddim
 from sd.config import TOY, preset
+from sd.pipeline import Pipeline
 from sd.weights import build
-from train import judge, pretrain, toydata, toyloop
+from train import UsageError, judge, pretrain, toydata
+from train.checkpoints import save
+from train.loop import EMA, Run, Settings, fit, lr_at
 
 
 def test_toy_preset_shapes_and_size():
@@ -30,12 +39,12 @@ def test_vae_loss_trains():
     opt = torch.optim.Adam(vae.parameters(), 1e-3)
     losses = []
     for _ in range(5):
-        loss, logs = pretrain.vae_loss(vae, x, g, 1e-5)
+        loss = pretrain.vae_loss(vae, x, g, 1e-5)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] and logs["kl"] > 0
+    assert losses[-1] < losses[0]
 
 
 def test_caption_dropout_means_the_empty_prompt():
@@ -46,39 +55,88 @@ def test_caption_dropout_means_the_empty_prompt():
     batch = {"mean": torch.randn(2, 4, 16, 16), "std": torch.zeros(2, 4, 16, 16), "ids": ids,
              "empty": empty, "ac": ddim.alphas_cumprod(TOY.schedule)}
     run = lambda b, drop: pretrain.diffusion_loss(  # noqa: E731
-        model, b, torch.Generator().manual_seed(3), TOY, drop, 5.0)[0]
+        model, b, torch.Generator().manual_seed(3), TOY, drop, 5.0)
     with torch.no_grad():
         dropped = run(batch, 1.0)
         assert torch.equal(dropped, run({**batch, "ids": empty.expand(2, -1)}, 0.0))
         assert not torch.equal(dropped, run(batch, 0.0))
 
 
-def test_loop_resumes_exactly(tmp_path):
-    calls = []
+# ------------------------------------------------------------------ the loop pretraining uses
 
-    def loss_fn(model, g):
-        calls.append(1)
-        if len(calls) == crash_at:
-            raise KeyboardInterrupt  # killed between the checkpoint at step 6 and step 9
+def line_fit(out, steps=9, killed=None, ema=0.9, seen=None, **settings):
+    """fit() on y = x1 + x2 + x3 with a 3 -> 1 linear model, warmup 2, cosine, EMA 0.9, a
+    checkpoint and an evaluation every 3 steps; resumes when out/latest exists. `seen` collects
+    (step, weights the loss saw); saving checkpoint `killed` raises KeyboardInterrupt."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    average = EMA(model, ema) if ema else None
+
+    def loss(m, g, micro):
+        if seen is not None:
+            seen.append((micro, torch.cat([m.weight.flatten(), m.bias]).detach().clone()))
         x = torch.randn(8, 3, generator=g)
-        return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean(), {}
+        return ((m(x) - x.sum(1, keepdim=True)) ** 2).mean()
 
-    def train(folder):
-        torch.manual_seed(0)
-        sched = toyloop.Schedule(steps=9, lr=0.1, warmup=2, ema=0.9, every=3)
-        return toyloop.run(folder, nn.Linear(3, 1), loss_fn, sched, seed=1, progress=False)
+    def evaluate(m, step):
+        assert m is (average.module if average else model)  # the EMA is what is evaluated
+        return {"bias": m.bias.item()}
 
-    crash_at = None
-    straight = train(tmp_path / "a")
-    calls.clear()
-    crash_at = 8
-    try:
-        train(tmp_path / "b")
-    except KeyboardInterrupt:
-        pass
-    resumed = train(tmp_path / "b")
-    assert torch.equal(straight.weight, resumed.weight)
-    assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 4  # header + steps 3, 6, 9
+    s = Settings(out, steps, 0.1, warmup_steps=2, schedule="cosine", checkpoint_every=3,
+                 validate_every=3, seed=1, quiet=True, max_grad_norm=0.0,
+                 resume="latest" if (out / "latest").exists() else None, **settings)
+    def write(folder):
+        if folder.name == f"checkpoint-{killed}.tmp":
+            raise KeyboardInterrupt  # after the evaluation of that step was logged
+        torch.save(model.state_dict(), folder / "model.pt")
+
+    losses = fit(Run(quiet=True), s, model, list(model.parameters()), loss, write,
+                 lambda folder: model.load_state_dict(torch.load(folder / "model.pt")),
+                 evaluate=evaluate, ema=average)
+    return model, average, losses
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor():
+    s = Settings(Path("."), steps=102, lr=1.0, warmup_steps=2, schedule="cosine", final_lr=0.1)
+    lrs = [lr_at(s, k) for k in range(102)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]  # linear warmup from lr / warmup, then the cosine's top
+    assert abs(lrs[52] - 0.55) < 1e-12  # halfway: (1 + floor) / 2
+    assert abs(lr_at(s, 102) - 0.1) < 1e-12 and all(a > b for a, b in pairwise(lrs[2:]))
+    assert [lr_at(replace(s, schedule="constant"), k) for k in (0, 1, 50)] == [0.5, 1.0, 1.0]
+
+
+def test_ema_is_the_documented_average(tmp_path):
+    seen = []
+    model, ema, _ = line_fit(tmp_path, steps=5, seen=seen)
+    trajectory = [w for _, w in seen[1:]] + [torch.cat([model.weight.flatten(), model.bias])]
+    expected = seen[0][1].double()  # the average starts at the initial weights
+    for n, w in enumerate(trajectory):  # after step n: decay min(0.9, (1 + n) / (10 + n))
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w.double()
+    got = torch.cat([ema.module.weight.flatten(), ema.module.bias]).double()
+    assert (got - expected).abs().max() < 1e-6 * expected.abs().max()
+    assert not torch.allclose(got, trajectory[-1].double())  # it lags the model
+
+
+def test_fit_resumed_after_a_kill_equals_fit_in_one_go(tmp_path):
+    model, ema, losses = line_fit(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):  # killed saving step 9: resumes from step 6
+        line_fit(tmp_path / "b", killed=9)
+    assert (tmp_path / "b" / "log.csv").read_text().count("\n9,") == 1
+    resumed, resumed_ema, tail = line_fit(tmp_path / "b")
+    loaded, loaded_ema, rest = line_fit(tmp_path / "b")  # nothing left to do: loads step 9
+    assert tail == losses[6:] and rest == []
+    for other in [(resumed, resumed_ema), (loaded, loaded_ema)]:
+        for a, b in zip((model, ema.module), (other[0], other[1].module)):
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                         b.state_dict().values()))
+
+    def rows(run):  # without the seconds column, which depends on the machine
+        lines = (tmp_path / run / "log.csv").read_text().splitlines()
+        return [line.split(",")[:1] + line.split(",")[2:] for line in lines]
+
+    assert rows("b") == rows("a")  # the row of step 9 written once more, not twice
+    assert [r[0] for r in rows("b")] == ["step", "3", "6", "9"] and rows("b")[0][-1] == "bias"
 
 
 def test_judge_reads_labels_it_was_given():
@@ -95,3 +153,59 @@ def test_committed_judge_reads_held_out_scenes():
     shape_acc, colour_acc = judge.accuracy(judge.load("weights/toy/judge.safetensors"), x,
                                            shapes, colours)
     assert shape_acc >= 0.95 and colour_acc >= 0.95, (shape_acc, colour_acc)
+
+
+def test_export_reads_fit_checkpoints_and_the_earlier_loops(tmp_path):
+    """A run folder with a VAE and a UNet stage checkpointed by fit, or by the loop before it
+    (unet/checkpoint.pt with an "ema" entry): export writes the EMA, and Pipeline.load reads it."""
+    torch.manual_seed(0)
+    vae, model = build(TOY).vae, pretrain.Denoiser(TOY)
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    (tmp_path / "vae.json").write_text('{"scaling": 0.9}')
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        ema.module.unet.conv_in.bias.fill_(0.25)  # so exporting the live weights would show
+    (tmp_path / "unet").mkdir()
+    torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "step": 5},
+               tmp_path / "unet" / pretrain.LEGACY)
+    with pytest.raises(UsageError, match="earlier training loop"):
+        pretrain.stage_settings(tmp_path / "unet", pretrain.UNET_RECIPE, 0, False)
+    old = pretrain.export(tmp_path, tmp_path / "old")
+    assert old["bytes"] < 30e6
+    save(tmp_path / "unet", 5, ema.save, {"step": 5})  # fit's layout: checkpoint-5/ema.safetensors
+    pretrain.export(tmp_path, tmp_path / "new")
+    for folder in ("old", "new"):
+        pipe = Pipeline.load(preset("toy"), tmp_path / folder, "cpu", torch.float32)
+        assert torch.equal(pipe.models.unet.conv_in.bias, torch.full_like(model.unet.conv_in.bias,
+                                                                          0.25))
+        config = json.loads((tmp_path / folder / "vae" / "config.json").read_text())
+        assert config["scaling_factor"] == 0.9  # the measured one, from vae.json
+
+
+def test_rerunning_a_killed_stage_resumes_it(tmp_path):
+    recipe = {"steps": 7, "lr": 0.1, "warmup": 2, "weight_decay": 0.01, "every": 3}
+
+    steps = []
+
+    def run(out, kill_at=None):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        steps.clear()
+
+        def loss(m, g, step):
+            steps.append(step)
+            if step == kill_at:
+                raise KeyboardInterrupt
+            x = torch.randn(8, 3, generator=g)
+            return ((m(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+        s = pretrain.stage_settings(out, recipe, 1, False)
+        return pretrain.stage(s, model, loss, lambda m, step: {}, EMA(model, 0.9))
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_at=5)  # after the checkpoint of step 3
+    resumed = run(tmp_path / "b")
+    assert steps == [3, 4, 5, 6]  # from the checkpoint, not from the start
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    assert (tmp_path / "b" / "latest").read_text().strip() == "checkpoint-7"

@@ -1,5 +1,5 @@
 """Checkpoints: out/checkpoint-N/ folders that an interrupted save never destroys, the `latest`
-pointer, resuming bit for bit, and pruning old ones.
+pointer, resuming bit for bit, pruning old ones, and the metrics log that a resume cuts back.
 
 A checkpoint holds what the trainer writes (the trained weights) and state.pt, everything else a
 bit-exact resume needs (step, optimizer, GradScaler, random states). It is written as
@@ -95,6 +95,28 @@ def find(out: Path, resume: str) -> Path:
     return folder
 
 
+def log_row(file: Path, row: dict) -> None:
+    """Append a row to a CSV file (its keys are the header of a new file)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+        if f.tell() == 0:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(f"{v:.5g}" if isinstance(v, float) else str(v) for v in row.values())
+                + "\n")
+
+
+def cut_log(file: Path, step: int) -> None:
+    """Drop the rows after `step` (the resumed run writes them again); no rows left: no file."""
+    if not file.exists():
+        return
+    header, *rows = file.read_text().splitlines(keepends=True)
+    rows = [r for r in rows if int(r.split(",")[0]) <= step]
+    if rows:
+        file.write_text(header + "".join(rows))
+    else:
+        file.unlink()
+
+
 def expect(folder: Path, files: list[str], what: str) -> None:
     """Refuse to resume from a checkpoint whose weight files are not exactly `files`."""
     found = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors"))
@@ -105,17 +127,18 @@ def expect(folder: Path, files: list[str], what: str) -> None:
 
 
 def training_state(step: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   gen: torch.Generator) -> dict:
-    """Everything besides the weights that a bit-exact resume needs; tensors and plain types
-    only, so it loads with torch.load(weights_only=True)."""
+                   gen: torch.Generator, seconds: float = 0.0) -> dict:
+    """Everything besides the weights that a bit-exact resume needs, and the training time so
+    far; tensors and plain types only, so it loads with torch.load(weights_only=True)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+    return {"step": step, "seconds": seconds, "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": {"data": gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
 
 
 def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            gen: torch.Generator) -> int:
-    """Load a training_state() from a checkpoint folder; returns its step."""
+            gen: torch.Generator) -> tuple[int, float]:
+    """Load a training_state() from a checkpoint folder; returns its step and seconds."""
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved without fp16
@@ -124,7 +147,7 @@ def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScal
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], state.get("seconds", 0.0)  # older ones lack seconds
 
 
 def load_modules(folder: Path, **modules: nn.Module) -> None:

@@ -78,6 +78,25 @@ def predict(judge: Judge, images: torch.Tensor) -> tuple[list[str], list[str]]:
     return [SHAPES[i] for i in shape.argmax(1)], [COLOURS[i] for i in colour.argmax(1)]
 
 
+@torch.no_grad()
+def adherence(pipe, judge: Judge, count: int = 96, steps: int = 20, guidance: float = 5.0,
+              batch: int = 48) -> tuple[dict, torch.Tensor]:
+    """Text adherence of a toy model (a Pipeline): sample the first `count` held-out
+    single-subject captions (batch k from seed k * batch) and give the share of samples whose
+    subject the judge reads as the caption's shape, and as its colour (chance: 1/6 and 1/8).
+    Returns those figures and the samples, [count, 3, 64, 64] in [0, 1]."""
+    truth = [scenes.test_scene(i, two=0.0) for i in range(count)]
+    prompts = [scenes.caption(t) for t in truth]
+    images = torch.cat([pipe.decode(pipe(prompts[i : i + batch], steps=steps, guidance=guidance,
+                                         seed=i, output="latent"))
+                        for i in range(0, count, batch)])
+    shapes, colours = predict(judge, images * 2 - 1)
+    return ({"shape_ok": float(np.mean([s == t.subjects[0].shape
+                                        for s, t in zip(shapes, truth)])),
+             "colour_ok": float(np.mean([c == t.subjects[0].colour
+                                         for c, t in zip(colours, truth)]))}, images)
+
+
 def accuracy(judge: Judge, x, ys, cs) -> tuple[float, float]:
     shapes, colours = predict(judge, x)
     return (float(np.mean([s == SHAPES[y] for s, y in zip(shapes, ys)])),

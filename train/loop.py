@@ -3,14 +3,20 @@ loss, the learning-rate schedule and the optimizer step.
 
 DreamBooth (train/finetune.py) and textual inversion (train/embedding.py) both teach SD a concept
 from a handful of images with the LDM training loss; they differ only in which parameters learn,
-the text paired with each image, and what they export. `fit` is the rest: gradient accumulation,
-autocast and the fp16 GradScaler, clipping, AdamW, checkpoints and resuming, validation images,
-and the DDP barriers; each trainer hands it a loss function and its own checkpoint contents.
+the text paired with each image, and what they export. The toy model's pretraining
+(train/pretrain.py) trains a VAE, then text encoder + UNet, from scratch. `fit` is what they
+share: gradient accumulation, autocast and the fp16 GradScaler, clipping, AdamW with a constant or
+cosine schedule, an optional EMA, checkpoints and resuming, validation images, an evaluation
+callback with its CSV log, and the DDP barriers; each trainer hands it a loss function and its own
+checkpoint contents.
 """
 
 import argparse
+import copy
+import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -19,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -122,12 +129,6 @@ def denoising_loss(model: nn.Module, vae: nn.Module, cfg: ModelConfig, ac: torch
     return F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
 
 
-def lr_at(base: float, step: int, warmup: int) -> float:
-    """Constant after a linear warmup (diffusers' constant_with_warmup, one step earlier: step 0
-    trains at base / warmup, not 0). Independent of --steps, so a run can be extended."""
-    return base * min(1.0, (step + 1) / warmup) if warmup else base
-
-
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
                    max_norm: float, lr: float) -> None:
     for group in opt.param_groups:
@@ -144,50 +145,112 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, par
 class Settings:
     """How `fit` optimises: the trainers' shared options (train.options.add_arguments)."""
 
-    out: Path  # checkpoints and validation images go here
+    out: Path  # checkpoints, validation images and log.csv go here
     steps: int
     lr: float
     grad_accum: int = 1
     warmup_steps: int = 0
+    schedule: str = "constant"  # after the warmup: "constant", or "cosine" down to final_lr x lr
+    final_lr: float = 0.02
+    # AdamW's; 1e-2, betas (0.9, 0.999) and eps 1e-8 as diffusers' example trainers
+    weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"  # autocast dtype over fp32 master weights; fp16 adds a GradScaler
     checkpoint_every: int = 0  # and at the end
     keep: int = 0  # the newest checkpoints kept (0: all)
-    validate_every: int = 0  # 0: never
+    validate_every: int = 0  # preview and evaluate (0: never; evaluate also at the end)
     resume: str | None = None  # "latest" or a checkpoint folder
     seed: int = 0  # of the data generator the loss draws from
     quiet: bool = False
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> "Settings":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """From a trainer's options; those it does not have (the schedule, weight decay) keep
+        their defaults."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def lr_at(s: Settings, step: int) -> float:
+    """Linear warmup (step 0 trains at lr / warmup, not 0), then constant (diffusers'
+    constant_with_warmup; independent of --steps, so a run can be extended) or a half cosine
+    from lr to final_lr x lr at s.steps (Loshchilov & Hutter 2017, SGDR eq. 5, one cycle)."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.schedule == "constant":
+        return s.lr
+    assert s.schedule == "cosine", f"unknown schedule {s.schedule!r}"
+    p = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * (s.final_lr + (1 - s.final_lr) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class EMA:
+    """An exponential moving average of a model's parameters (the copy one samples from) with
+    LDM's warm-up of the decay, so that early on the average follows the model: min(decay,
+    (1 + n) / (10 + n)) at step n from 0 (CompVis/latent-diffusion ldm/modules/ema.py LitEma,
+    which counts its updates from 1)."""
+
+    FILE = "ema.safetensors"  # in each checkpoint folder
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """After optimizer step number `step` (from 0)."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p, 1 - d)
+
+    def save(self, folder: Path) -> None:
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(sd, folder / self.FILE)
+
+    def load(self, folder: Path) -> None:
+        self.module.load_state_dict(load_file(folder / self.FILE))
 
 
 def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
         loss: Callable[[nn.Module, torch.Generator, int], torch.Tensor],
         write: Callable[[Path], None], load: Callable[[Path], None],
-        preview: Callable[[Path], None] | None = None, desc: str = "training") -> list[float]:
+        preview: Callable[[Path], None] | None = None, desc: str = "training",
+        ema: EMA | None = None,
+        evaluate: Callable[[nn.Module, int], dict] | None = None) -> list[float]:
     """AdamW on `params` for s.steps steps of s.grad_accum micro-batches; each step's mean loss.
 
     loss(model, gen, micro): the loss of micro-batch number `micro`, whose random numbers come
     from `gen` (the data generator checkpoints save); `model` is DDP-wrapped when distributed.
     write(folder), load(folder): the trained weights into and out of a checkpoint folder.
     preview(file): writes a validation image, every s.validate_every steps.
+    ema: updated after every step, saved in checkpoints; ema.module is the averaged model.
+    evaluate(model, step): metrics of the model (ema.module if any) every s.validate_every
+    steps and at the end, appended with the step's loss to s.out/log.csv.
     """
-    # diffusers' example trainers: AdamW betas (0.9, 0.999), eps 1e-8, weight decay 1e-2
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     scaler = torch.amp.GradScaler(run.device.type, enabled=s.precision == "fp16")
     gen = torch.Generator().manual_seed(s.seed)
-    first = 0
+    first, seconds = 0, 0.0
     if s.resume:
         folder = checkpoints.find(s.out, s.resume)
         load(folder)
-        first = checkpoints.restore(folder, opt, scaler, gen)
+        if ema is not None:
+            ema.load(folder)
+        first, seconds = checkpoints.restore(folder, opt, scaler, gen)
         run.say(f"resumed from {folder} at step {first}")
+    log = s.out / "log.csv"
+    if evaluate is not None and run.main:
+        checkpoints.cut_log(log, first)
     ddp = run.wrap(model)
+
+    def write_weights(folder: Path) -> None:
+        write(folder)
+        if ema is not None:
+            ema.save(folder)
+
     losses = []
     bar = tqdm(range(first, s.steps), initial=first, total=s.steps, desc=desc,
                disable=s.quiet or not run.main)
+    start = time.monotonic() - seconds  # training time, summed over resumes
     for step in bar:
         total = 0.0
         for a in range(s.grad_accum):
@@ -196,19 +259,28 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
                     value = loss(ddp, gen, step * s.grad_accum + a)
                 scaler.scale(value / s.grad_accum).backward()
             total += value.item() / s.grad_accum
-        optimizer_step(opt, scaler, params, s.max_grad_norm, lr_at(s.lr, step, s.warmup_steps))
+        optimizer_step(opt, scaler, params, s.max_grad_norm, lr_at(s, step))
+        if ema is not None:
+            ema.update(model, step)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
         keep = done == s.steps or (s.checkpoint_every and done % s.checkpoint_every == 0)
-        look = preview and s.validate_every and done % s.validate_every == 0
+        due = s.validate_every and done % s.validate_every == 0
+        look, measure = preview and due, evaluate and (due or done == s.steps)
+        if run.main and measure:  # before the checkpoint: a crash between them loses no row
+            row = {"step": done, "seconds": round(time.monotonic() - start), "loss": total}
+            row.update(evaluate(model if ema is None else ema.module, done))
+            checkpoints.log_row(log, row)
+            run.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.items()))
         if run.main and keep:
-            checkpoints.save(s.out, done, write,
-                             checkpoints.training_state(done, opt, scaler, gen), s.keep)
+            state = checkpoints.training_state(done, opt, scaler, gen, time.monotonic() - start)
+            checkpoints.save(s.out, done, write_weights, state, s.keep)
         if run.main and look:
             with run.autocast(s.precision):
                 preview(s.out / f"validation-{done}.png")
-        if keep or look:
+        if keep or look or measure:
             run.barrier()  # the other ranks wait for rank 0's checkpoint or validation
     return losses
 

@@ -4,19 +4,24 @@
     python -m train.pretrain unet --run /work/toyrun            # stage 2, on stage 1's VAE
     python -m train.pretrain export --run /work/toyrun -o weights/toy
 
-Each stage is (a loss function, its parameters, what to save) run by `train.toyloop.run`, which
-checkpoints atomically and resumes bit for bit from (step, model, optimiser, EMA, generators).
+Each stage is (a model, its loss, an evaluation) run by `train.loop.fit`, the trainers' shared
+loop: AdamW with warmup and cosine decay, an EMA for the UNet stage, checkpoints in
+<run>/<stage>/checkpoint-N/ (rerunning a stage resumes from the newest, bit for bit) and the
+evaluations in <run>/<stage>/log.csv. `export` also reads the single <run>/unet/checkpoint.pt
+of the loop before fit (train/toyloop.py, removed), which a stage refuses to restart over.
 Recipe choices and the measurements behind them: weights/toy/README.md.
 """
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from sd import ddim
 from sd.clip import TextEncoder
@@ -27,20 +32,62 @@ from sd.tokenizer import Tokenizer
 from sd.unet import UNet
 from sd.vae import VAE
 from sd.weights import Models
+from train import UsageError, checkpoints, scenes, toydata
 from train import judge as judgelib
-from train import scenes, toydata, toyloop
 from train.checkpoints import save_weights
+from train.loop import EMA, Run, Settings, fit
+
+# ------------------------------------------------------------------------------- the stages
+
+LEGACY = "checkpoint.pt"  # what train/toyloop.py, the loop before fit, saved in a stage folder
+
+
+def stage_settings(out: Path, r: dict, seed: int, progress: bool) -> Settings:
+    """A recipe as fit's settings: cosine decay to 2% (final_lr), no clipping; checkpoint and
+    evaluate every r["every"] steps; rerunning a stage resumes from its newest checkpoint."""
+    if (out / LEGACY).is_file() and not (out / "latest").is_file():
+        raise UsageError(f"{out / LEGACY} was written by the earlier training loop, which this "
+                         f"one does not resume: export it (python -m train.pretrain export), or "
+                         f"move {out} away to train this stage afresh")
+    return Settings(out, r["steps"], r["lr"], warmup_steps=r["warmup"], schedule="cosine",
+                    weight_decay=r["weight_decay"], max_grad_norm=0.0,
+                    checkpoint_every=r["every"], keep=2, validate_every=r["every"],
+                    resume="latest" if (out / "latest").is_file() else None, seed=seed,
+                    quiet=not progress)
+
+
+def stage(s: Settings, model: nn.Module, loss: Callable[[nn.Module, torch.Generator, int], Tensor],
+          evaluate: Callable[[nn.Module, int], dict], ema: EMA | None = None) -> nn.Module:
+    """Train every parameter of `model` (one process); the EMA model if any, else the model."""
+    file = "model.safetensors"
+
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / file)
+
+    fit(Run(quiet=s.quiet), s, model, [p for p in model.parameters() if p.requires_grad], loss,
+        write, lambda folder: model.load_state_dict(load_file(folder / file)),
+        desc=s.out.name, ema=ema, evaluate=evaluate)
+    return model if ema is None else ema.module
+
+
+def ema_weights(out: Path) -> dict:
+    """The EMA weights of a stage's newest checkpoint, in fit's format or the earlier loop's."""
+    if (out / "latest").is_file():
+        return load_file(checkpoints.find(out, "latest") / EMA.FILE)
+    if (out / LEGACY).is_file():
+        return torch.load(out / LEGACY, map_location="cpu", weights_only=True)["ema"]
+    raise UsageError(f"no checkpoint in {out}: train it first (python -m train.pretrain unet)")
+
 
 # ---------------------------------------------------------------------------------- the VAE
 
-def vae_loss(vae: VAE, x: torch.Tensor, g: torch.Generator, kl_weight: float) -> tuple:
+def vae_loss(vae: VAE, x: torch.Tensor, g: torch.Generator, kl_weight: float) -> torch.Tensor:
     """L1 + MSE reconstruction of a sampled latent, plus a KL pull towards N(0, 1) (LDM's
     AutoencoderKL loss without its GAN and LPIPS terms: flat-colour scenes need neither)."""
     post = vae.encode(x)
     rec = vae.decode(post.sample(g))
     kl = 0.5 * (post.mean**2 + post.std**2 - 1 - 2 * post.std.log()).sum((1, 2, 3)).mean()
-    loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * kl
-    return loss, {"kl": kl.item()}
+    return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * kl
 
 
 @torch.no_grad()
@@ -73,7 +120,7 @@ def token_ids(captions: list[str], cfg: ModelConfig) -> torch.Tensor:
 
 
 def diffusion_loss(model: nn.Module, batch: dict, g: torch.Generator, cfg: ModelConfig,
-                   drop: float, snr_gamma: float | None) -> tuple:
+                   drop: float, snr_gamma: float | None) -> torch.Tensor:
     """The LDM training loss: noise a latent to a random timestep, predict the noise (or v).
 
     Captions are replaced by the empty prompt with probability `drop`, so the model also learns
@@ -96,7 +143,7 @@ def diffusion_loss(model: nn.Module, batch: dict, g: torch.Generator, cfg: Model
     if snr_gamma is not None:
         snr = ac[t] / (1 - ac[t])
         per = per * (snr.clamp(max=snr_gamma) / (snr + 1 if v else snr))
-    return per.mean(), {}
+    return per.mean()
 
 
 def latent_batch(data: dict, size: int, g: torch.Generator) -> dict:
@@ -111,25 +158,26 @@ def toy_config(scaling: float) -> ModelConfig:
     return replace(TOY, vae=replace(TOY.vae, scaling=scaling))
 
 
-VAE_RECIPE = dict(steps=4000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192)
+VAE_RECIPE = dict(steps=4000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192, warmup=100,
+                  weight_decay=0.0, every=250)
 
 
 def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
     r = VAE_RECIPE
+    s = stage_settings(run_dir / "vae", r, seed, progress)  # first: it refuses an old run
     torch.manual_seed(seed)
     images, _ = toydata.pool("train", r["pool"], run_dir, progress)
     test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
     vae = VAE(TOY.vae)
 
-    def loss(model, g):
+    def loss(model: VAE, g: torch.Generator, micro: int) -> torch.Tensor:
         return vae_loss(model, toydata.crops(images, r["batch"], r["crop"], g), g, r["kl"])
 
-    def evaluate(model, step):
+    def evaluate(model: VAE, step: int) -> dict:
         psnr, std = vae_psnr(model, test)
         return {"psnr": psnr, "latent_std": std}
 
-    sched = toyloop.Schedule(r["steps"], r["lr"], warmup=100, every=250)
-    vae = toyloop.run(run_dir / "vae", vae, loss, sched, seed, evaluate, progress)
+    stage(s, vae, loss, evaluate)
     finish_vae(run_dir, vae, images, test)
     return vae
 
@@ -148,6 +196,11 @@ def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) 
     tmp.replace(run_dir / "vae.pt")
     (run_dir / "vae.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def need_vae(run_dir: Path) -> None:
+    if not ((run_dir / "vae.json").is_file() and (run_dir / "vae.pt").is_file()):
+        raise UsageError(f"no trained VAE in {run_dir}: python -m train.pretrain vae --run ...")
 
 
 class Denoiser(nn.Module):
@@ -188,36 +241,29 @@ def text_gain(model: Denoiser, data: dict, cfg: ModelConfig, ac: torch.Tensor) -
     losses = []
     for drop in (0.0, 1.0):
         g.manual_seed(1234)
-        losses.append(diffusion_loss(model, {**batch, "ac": ac}, g, cfg,
-                                     drop, None)[0].item())
+        losses.append(diffusion_loss(model, {**batch, "ac": ac}, g, cfg, drop, None).item())
     model.train()
     return losses[1] - losses[0]
 
 
 @torch.no_grad()
-def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, count: int = 96,
-              steps: int = 20, guidance: float = 5.0, grid_file: Path | None = None) -> dict:
-    """Fraction of samples whose subject the judge reads as the caption's shape and colour,
-    for held-out single-subject captions."""
+def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, grid_file: Path) -> dict:
+    """The judge's reading of samples of held-out captions (train.judge.adherence), and a grid
+    of the first 48 of them (4 rows of 12) saved to grid_file."""
     model.eval()
-    pipe = Pipeline(Models(model.text_encoder, vae, model.unet), cfg)
-    truth = [scenes.test_scene(i, two=0.0) for i in range(count)]
-    prompts = [scenes.caption(t) for t in truth]
-    images = torch.cat([pipe.decode(pipe(prompts[i : i + 48], steps=steps, guidance=guidance,
-                                         seed=i, output="latent")) for i in range(0, count, 48)])
-    shapes, colours = judgelib.predict(judge, images * 2 - 1)
-    if grid_file is not None:
-        rows = [torch.cat(list(images[r * 12 : (r + 1) * 12]), dim=2) for r in range(4)]
-        to_pil(torch.cat(rows, dim=1)[None])[0].save(grid_file)
+    figures, images = judgelib.adherence(Pipeline(Models(model.text_encoder, vae, model.unet),
+                                                  cfg), judge)
+    rows = [torch.cat(list(images[r * 12 : (r + 1) * 12]), dim=2) for r in range(4)]
+    to_pil(torch.cat(rows, dim=1)[None])[0].save(grid_file)
     model.train()
-    return {"shape_ok": float(np.mean([s == t.subjects[0].shape for s, t in zip(shapes, truth)])),
-            "colour_ok": float(np.mean([c == t.subjects[0].colour
-                                        for c, t in zip(colours, truth)]))}
+    return figures
 
 
 def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = None,
                folder: str = "unet") -> Denoiser:
     r = {**UNET_RECIPE, **(recipe or {})}
+    need_vae(run_dir)
+    s = stage_settings(run_dir / folder, r, seed, progress)  # first: it refuses an old run
     torch.manual_seed(seed)
     vae = VAE(TOY.vae)
     vae.load_state_dict(torch.load(run_dir / "vae.pt"))
@@ -229,24 +275,22 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     held = latent_data(run_dir, vae, cfg, 256, "test", progress)
     empty = token_ids([""], cfg)
     data["empty"], held["empty"] = empty, empty
-    out = run_dir / folder
 
-    def loss(model, g):
+    def loss(model: Denoiser, g: torch.Generator, micro: int) -> torch.Tensor:
         return diffusion_loss(model, latent_batch({**data, "ac": ac},
                               r["batch"], g), g, cfg, r["drop"], r["snr_gamma"])
 
-    def evaluate(model, step):
+    def evaluate(model: Denoiser, step: int) -> dict:
         # The same columns on every row of the log; NaN where the judge did not run.
         row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
                "colour_ok": float("nan")}
         if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
             judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
-            row.update(adherence(model, vae, cfg, judge, grid_file=out / f"grid-{step}.png"))
+            row.update(adherence(model, vae, cfg, judge, grid_file=s.out / f"grid-{step}.png"))
         return row
 
-    sched = toyloop.Schedule(r["steps"], r["lr"], r["warmup"], weight_decay=r["weight_decay"],
-                             ema=r["ema"], every=r["every"])
-    return toyloop.run(out, Denoiser(cfg), loss, sched, seed, evaluate, progress)
+    model = Denoiser(cfg)
+    return stage(s, model, loss, evaluate, EMA(model, r["ema"]))
 
 
 def main(argv=None) -> None:
@@ -260,22 +304,26 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if a.stage in ("vae", "all"):
-        train_vae(a.run, a.seed, not a.no_progress)
-    if a.stage in ("unet", "all"):
-        train_unet(a.run, a.seed, not a.no_progress)
-    if a.stage in ("export", "all"):
-        print(export(a.run, a.out))
+    try:
+        if a.stage in ("vae", "all"):
+            train_vae(a.run, a.seed, not a.no_progress)
+        if a.stage in ("unet", "all"):
+            train_unet(a.run, a.seed, not a.no_progress)
+        if a.stage in ("export", "all"):
+            print(export(a.run, a.out))
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def export(run_dir: Path, out: Path) -> dict:
     """The trained model as fp16 safetensors in the diffusers layout (save_weights)."""
+    need_vae(run_dir)
     stats = json.loads((run_dir / "vae.json").read_text())
     cfg = toy_config(stats["scaling"])
     vae = VAE(cfg.vae)
     vae.load_state_dict(torch.load(run_dir / "vae.pt"))
     model = Denoiser(cfg)
-    model.load_state_dict(torch.load(run_dir / "unet" / "checkpoint.pt", weights_only=False)["ema"])
+    model.load_state_dict(ema_weights(run_dir / "unet"))
     save_weights(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
     (out / "MODEL").write_text("preset=toy\n")
     files = [f for f in out.rglob("*") if f.is_file()]
