@@ -65,7 +65,7 @@ def evaluate(weights: Path, scenes: int, names: list[str], cache: Path,
         pipe = toy.load(model)
         stats = metrics.concept_stats(concepts.references(name))
         invs = [toy.invert_source(pipe, s) for s in srcs]
-        images = toy.swaps(pipe, srcs, invs, name)
+        images = toy.swaps(pipe, srcs, invs, [toy.target_prompt(s, name)[1] for s in srcs])
         for m in METHODS:
             result["swaps"][m][name] = [toy.score(a, s, stats) for a, s in zip(images[m], srcs)]
         result["swaps"]["source"][name] = [toy.score(s.image, s, stats) for s in srcs]

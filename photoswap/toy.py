@@ -114,15 +114,19 @@ def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS,
     return invert(pipe, latent, src.caption, steps, guidance)
 
 
-def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], concept: str,
+def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list[str],
           methods: tuple[str, ...] = METHODS, steps: int = STEPS, guidance: float = GUIDANCE,
           blend_level: int = BLEND_LEVEL) -> dict[str, list[np.ndarray]]:
-    """uint8 images per method (and "source", the inversion's reconstruction), one per source;
-    every source of a method runs in one batch."""
+    """uint8 images per method (and "source", the inversion's reconstruction), one per source,
+    source i's subject replaced by words[i] ("sks star"); a method's sources run as one batch."""
     pairs = []
-    for src, inv in zip(srcs, invs):
-        target, words = target_prompt(src, concept)
-        pairs.append(Pair(src.caption, target, [src.subject], [words], inv.x_T, inv.uncond))
+    for src, inv, w in zip(srcs, invs, words):
+        target = replace_words(src.caption, [src.subject], [w])
+        # Local blend follows the shape words only: a colour word also names backgrounds in the
+        # toy captions, and its cross-attention spreads over them.
+        shape = [t for t in w.split() if t not in scenes.PAINTS]
+        pairs.append(Pair(src.caption, target, [src.subject.split()[-1]], [" ".join(shape)],
+                          inv.x_T, inv.uncond))
     out: dict[str, list[np.ndarray]] = {}
     for method in methods:
         settings = settings_for(method)
@@ -168,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     src = source(args.scene)
     inv = invert_source(pipe, src)
     inverted = time.time()
-    images = swaps(pipe, [src], [inv], args.concept)
+    target, words = target_prompt(src, args.concept)
+    images = swaps(pipe, [src], [inv], [words])
     refs = concepts.references(args.concept)
     stats = metrics.concept_stats(refs)
-    target, _ = target_prompt(src, args.concept)
     results = {m: score(images[m][0], src, stats) for m in METHODS}
     results["source"] = score(src.image, src, stats)  # the unswapped photo, for scale
     record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
