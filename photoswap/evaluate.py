@@ -25,14 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from photoswap import metrics, toy
 from photoswap.swap import METHODS
 from sd.files import atomic_write
+from sd.images import grid, save_image
 from train import concepts
 
 PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
 SAMPLES = 8
+ROWS = (*METHODS, "reconstruction", "photo")
+NAMES = {"reconstruction": "source branch (the inversion's reconstruction)",
+         "photo": "the source photo itself (unswapped, for scale)"}
 KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
 
 
@@ -53,12 +58,13 @@ def mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def evaluate(weights: Path, scenes: int, names: list[str], cache: Path,
+def evaluate(weights: Path, scenes: int, names: list[str], cache: Path, pictures: Path,
              progress: bool = True) -> dict:
-    """{"swaps": {method: {concept: [scores per scene]}}, "dreambooth": {concept: {...}}}."""
+    """{"swaps": {method: {concept: [scores per scene]}}, "dreambooth": {concept: {...}}}; the
+    outputs go to pictures/<concept>.png, a row per scene: photo, source branch, the methods."""
     base = toy.load(weights)
     srcs = [toy.source(i) for i in range(scenes)]
-    result: dict = {"swaps": {m: {} for m in (*METHODS, "source")}, "dreambooth": {}}
+    result: dict = {"swaps": {m: {} for m in ROWS}, "dreambooth": {}}
     for name in names:
         started = time.time()
         model = toy.concept_model(name, weights, cache, quiet=not progress)
@@ -68,7 +74,14 @@ def evaluate(weights: Path, scenes: int, names: list[str], cache: Path,
         images = toy.swaps(pipe, srcs, invs, [toy.target_prompt(s, name)[1] for s in srcs])
         for m in METHODS:
             result["swaps"][m][name] = [toy.score(a, s, stats) for a, s in zip(images[m], srcs)]
-        result["swaps"]["source"][name] = [toy.score(s.image, s, stats) for s in srcs]
+        result["swaps"]["reconstruction"][name] = [toy.score(a, s, stats)
+                                                   for a, s in zip(images["source"], srcs)]
+        result["swaps"]["photo"][name] = [toy.score(s.image, s, stats) for s in srcs]
+        cells = [[Image.fromarray(a) for a in (s.image, images["source"][i],
+                                               *(images[m][i] for m in METHODS))]
+                 for i, s in enumerate(srcs)]
+        pictures.mkdir(parents=True, exist_ok=True)
+        save_image(grid(cells), pictures / f"{name}.png")
         result["dreambooth"][name] = {"tuned": sample_fidelity(pipe, name, stats),
                                       "untuned": sample_fidelity(base, name, stats)}
         if progress:
@@ -86,14 +99,14 @@ def table(result: dict, command: str, weights: Path, scenes: int, seconds: float
              "How each number is computed: photoswap/metrics.py and photoswap/evaluate.py.", "",
              "| method | background PSNR (dB) | layout IoU | concept fidelity | colour | texture |",
              "|---|---|---|---|---|---|"]
-    for m in (*METHODS, "source"):
+    for m in ROWS:
         rows = [r for per in result["swaps"][m].values() for r in per]
         v = mean(rows)
-        name = "source (unswapped, for scale)" if m == "source" else f"`{m}`"
+        name = NAMES.get(m, f"`{m}`")
         lines.append(f"| {name} | {v['background_psnr']:.2f} | {v['layout_iou']:.3f} | "
                      f"{v['fidelity']:.3f} | {v['colour']:.3f} | {v['texture']:.3f} |")
     lines += ["", f"Background PSNR is capped at {PSNR_CAP:.0f} dB before averaging (the "
-              "unswapped source's background is exact: infinite).", "",
+              "unswapped photo's background is exact: infinite).", "",
               f"DreamBooth acceptance: mean concept fidelity of {SAMPLES} samples of "
               '"a photo of sks <class>" (same seeds).', "",
               "| concept | DreamBooth'd | untuned |", "|---|---|---|"]
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=sorted(concepts.CONCEPTS))
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
     p.add_argument("-o", "--out", type=Path, default=Path("EVAL.md"))
+    p.add_argument("--pictures", type=Path, default=Path("out/eval"),
+                   help="where each concept's outputs go as a grid (out/eval)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     if not (args.weights / "unet").is_dir():
@@ -122,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --scenes: give 1 or more", file=sys.stderr)
         return 1
     started = time.time()
-    result = evaluate(args.weights, args.scenes, args.concepts, args.cache, not args.quiet)
+    result = evaluate(args.weights, args.scenes, args.concepts, args.cache, args.pictures,
+                      not args.quiet)
     command = "python -m photoswap.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(result, command.strip(), args.weights, args.scenes, time.time() - started)
     with atomic_write(args.out) as tmp:

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     refs = concepts.references(args.concept)
     stats = metrics.concept_stats(refs)
     results = {m: score(images[m][0], src, stats) for m in METHODS}
-    results["source"] = score(src.image, src, stats)  # the unswapped photo, for scale
+    results["reconstruction"] = score(images["source"][0], src, stats)  # the source branch
+    results["photo"] = score(src.image, src, stats)  # unswapped, for scale
     record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
               "target_prompt": target, "weights": str(args.weights), "steps": STEPS,
               "guidance": GUIDANCE, "dreambooth": DREAMBOOTH, "metrics": results,
@@ -198,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_write(args.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{src.caption!r} -> {target!r}")
-    print(f"{'':10s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s} {'colour':>6s} {'texture':>7s}")
-    for m in (*METHODS, "source"):
+    print(f"{'':14s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s} {'colour':>6s} {'texture':>7s}")
+    for m in (*METHODS, "reconstruction", "photo"):
         r = results[m]
-        print(f"{m:10s} {r['background_psnr']:8.2f} {r['layout_iou']:6.3f} {r['fidelity']:8.3f} "
+        print(f"{m:14s} {r['background_psnr']:8.2f} {r['layout_iou']:6.3f} {r['fidelity']:8.3f} "
               f"{r['colour']:6.3f} {r['texture']:7.3f}")
     print(f"inversion reconstructs the photo at {record['reconstruction_psnr']:.2f} dB; "
           f"seconds {record['seconds']}; wrote {', '.join(pil)}, grid.png, metrics.json to "
