@@ -41,8 +41,9 @@ from train.inversion import Inversion, invert
 # for 100 blobs with dots. Photoswap's own recipe (1e-6, 800 steps) is for SD's 865 M UNet.
 DREAMBOOTH = {"steps": 150, "lr": 5e-4, "batch_size": 4, "train_text_encoder": True, "seed": 0}
 STEPS, GUIDANCE = 50, 7.5  # the paper's sampling settings; inversion at the same
-# Local blend on the toy UNet: its cross-attention sits at levels 0 and 1 (16 and 8 px) and in the
-# mid block (4 px); the official level 2 would be 4x4 maps, one blend cell per 4x4 latent pixels.
+# Local blend on the toy UNet: the official quarter-side maps (level 2) are the mid block's 4x4;
+# after the 3x3 max-pool its mask covered the whole latent in all 3 scenes tried on an early
+# checkpoint (level 1: 36-47%), so the toy reads the 8x8 maps.
 BLEND_LEVEL = 1
 
 
