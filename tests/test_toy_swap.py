@@ -122,3 +122,28 @@ def test_photoswap_keeps_the_background_far_better_than_none(toy_swaps):
     # better); the source branch's reconstruction about 33 dB
     assert psnr("photoswap") > psnr("none") + 1.0
     assert psnr("source") > psnr("photoswap")
+
+
+def test_without_a_toy_model_make_swap_says_what_to_provide(capsys):
+    from photoswap import evaluate, toy  # noqa: PLC0415
+
+    for main in (toy.main, evaluate.main):
+        assert main(["--weights", "no/such/folder"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: no toy model at no/such/folder") and "\n" not in err
+
+
+def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path, monkeypatch):
+    if not (WEIGHTS / "unet").is_dir():
+        pytest.skip(f"no trained toy model at {WEIGHTS} (no unet/): train it (make toy) or set "
+                    "TOY_WEIGHTS to a toy model folder")
+    from photoswap import toy  # noqa: PLC0415
+
+    monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "steps": 1, "batch_size": 1})
+    model = toy.concept_model("notched-ring", WEIGHTS, tmp_path)
+    made = (model / "unet").stat().st_mtime_ns
+    assert toy.concept_model("notched-ring", WEIGHTS, tmp_path) == model
+    assert (model / "unet").stat().st_mtime_ns == made  # cached: not trained again
+    monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "lr": 1e-5})
+    toy.concept_model("notched-ring", WEIGHTS, tmp_path)
+    assert (model / "unet").stat().st_mtime_ns != made
