@@ -47,15 +47,18 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return ~dilate(~mask, radius)
 
 
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of uint8 values (peak 255), any shape; inf when equal."""
+    mse = float(((image.astype(np.float64) - reference.astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def background_psnr(image: np.ndarray, background: np.ndarray, mask: np.ndarray,
                     radius: int = DILATE) -> float:
-    """PSNR in dB (peak 255) of `image` against `background` outside the dilated `mask`; inf
-    when equal there."""
+    """PSNR of `image` against `background` outside the dilated `mask`."""
     keep = ~dilate(mask, radius)
     assert keep.any(), "the dilated mask covers the whole image: nothing to compare"
-    diff = image.astype(np.float64)[keep] - background.astype(np.float64)[keep]
-    mse = float((diff**2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr(image[keep], background[keep])
 
 
 def subject_region(image: np.ndarray, background: np.ndarray,

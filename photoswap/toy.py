@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
               "target_prompt": target, "weights": str(args.weights), "steps": STEPS,
               "guidance": GUIDANCE, "dreambooth": DREAMBOOTH, "metrics": results,
-              "reconstruction_psnr": metrics.background_psnr(
-                  images["source"][0], src.image, np.zeros_like(src.mask), 0),
+              "reconstruction_psnr": metrics.psnr(images["source"][0], src.image),
               "seconds": {"dreambooth": round(trained - started, 1),
                           "inversion": round(inverted - trained, 1),
                           "swaps": round(time.time() - inverted, 1)}}
