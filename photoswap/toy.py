@@ -123,11 +123,7 @@ def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list
     pairs = []
     for src, inv, w in zip(srcs, invs, words):
         target = replace_words(src.caption, [src.subject], [w])
-        # Local blend follows the shape words only: a colour word also names backgrounds in the
-        # toy captions, and its cross-attention spreads over them.
-        shape = [t for t in w.split() if t not in scenes.PAINTS]
-        pairs.append(Pair(src.caption, target, [src.subject.split()[-1]], [" ".join(shape)],
-                          inv.x_T, inv.uncond))
+        pairs.append(Pair(src.caption, target, [src.subject], [w], inv.x_T, inv.uncond))
     out: dict[str, list[np.ndarray]] = {}
     for method in methods:
         settings = settings_for(method)
