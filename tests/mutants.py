@@ -153,7 +153,7 @@ MUTANTS = [
     m("swap runs without its control (no swaps, no blend)", "photoswap/swap.py",
       "ctrl, progress=progress, callback=ctrl.callback)",
       "None, progress=progress, callback=None)",
-      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_far_better_than_none"),
+      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_better_than_none"),
 ]
 
 

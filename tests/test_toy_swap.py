@@ -111,15 +111,16 @@ def toy_swaps():
     return srcs, images
 
 
-def test_photoswap_keeps_the_background_far_better_than_none(toy_swaps):
+def test_photoswap_keeps_the_background_better_than_none(toy_swaps):
     srcs, images = toy_swaps
 
     def psnr(method: str) -> float:
         return float(np.mean([metrics.background_psnr(a, s.background, s.mask)
                               for a, s in zip(images[method], srcs)]))
 
-    # measured on an early checkpoint: photoswap 15.5 dB, none 12.9 dB (+2.6; every scene
-    # better); the source branch's reconstruction about 33 dB
+    # measured on an early checkpoint: photoswap 15.7 dB, none 12.8 dB (+2.8, each of the 4
+    # scenes +2.0 to +3.8); the source branch's reconstruction 33.0 dB. A swap without its
+    # control is `none` (+0; tests/mutants.py).
     assert psnr("photoswap") > psnr("none") + 1.0
     assert psnr("source") > psnr("photoswap")
 
