@@ -26,8 +26,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.error = lambda message: p.exit(2, f"error: {message} (see python -m sd --help)\n")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
-                   help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; tiny: random "
-                        "toy-size weights for trying the code (default: from the weights)")
+                   help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; toy: our 64 px "
+                        "model, committed in weights/toy; tiny: random toy-size weights for "
+                        "trying the code (default: from the weights)")
     p.add_argument("--weights", type=Path, help="diffusers folder or single-file checkpoint "
                    "(default: weights/sd2.1-base, or weights/MODEL with --model)")
     p.add_argument("--concepts", nargs="+", type=Path, metavar="FILE",
@@ -53,6 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for failed, message in ((args.batch < 1, f"--batch {args.batch}: give 1 or more"),
                             (not math.isfinite(args.guidance), "--guidance: give a finite number"),
                             (not args.eta >= 0, "--eta: give 0 (deterministic) or more"),
+                            (not 0 <= args.seed < 2**64, "--seed: give 0 to 2**64 - 1"),
                             (not 0 <= (args.threshold or 0) <= 1, "--threshold: give 0 to 1")):
         if failed:
             p.error(message)
@@ -130,4 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # nothing is half-written: images are saved atomically
+        sys.exit("interrupted")

@@ -224,6 +224,11 @@ def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None,
         return preset("tiny"), None, "random weights"
     name = model if model != "auto" else "sd2.1-base"
     weights = weights or Path("weights") / name
+    if name == "toy" and not (weights / "unet").exists():
+        raise WeightsError(
+            f"No toy model at {weights} (its unet/ is missing). The toy model is committed in "
+            "weights/toy of this repository (git checkout weights/toy); `make toy` retrains it "
+            "from scratch (about 2 CPU hours).")
     if not weights.exists():
         raise WeightsError(
             f"No SD 2.1 weights at {weights}.\nDownload them (about 2.6 GB) with:\n"

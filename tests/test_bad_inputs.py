@@ -68,6 +68,8 @@ def test_sd_arguments_are_checked_before_loading(tmp_path):
              (["--width", "100"], "give multiples of 8, such as 64; got 100", 1),
              (["--guidance", "nan"], "--guidance: give a finite number", 2),
              (["--eta", "-1"], "--eta: give 0 (deterministic) or more", 2),
+             (["--seed", str(2**64)], "--seed: give 0 to 2**64 - 1", 2),
+             (["--seed", "-1"], "--seed: give 0 to 2**64 - 1", 2),
              (["--steps", "0"], "steps must be in [1, 1000], got 0", 1),
              (["--device", "gpu"], "--device gpu: this machine has no such device", 1),
              (["-o", tmp_path], f"{tmp_path} is a folder; give a file name", 2),
@@ -78,6 +80,13 @@ def test_sd_arguments_are_checked_before_loading(tmp_path):
     for args, message, code in cases:
         refused(cli("sd", "a red circle", "--model", "tiny", *args), message, code)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
+def test_toy_without_its_unet_says_where_it_comes_from(tmp_path):
+    (tmp_path / "vae").mkdir()  # weights/toy as it was before the UNet was committed
+    r = cli("sd", "a red circle", "--model", "toy", "--weights", tmp_path)
+    assert r.returncode == 2 and "make toy" in r.stderr and "unet/ is missing" in r.stderr, r.stderr
+    assert "make weights" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sd_concepts_are_checked_before_loading(tmp_path):

@@ -1,0 +1,91 @@
+"""The toy model's figures for its model card (weights/toy/README.md), on held-out scenes.
+
+    python -m bench.toy                      # weights/toy: adherence and inversion
+    python -m bench.toy --weights DIR --samples 96 --scenes 16 --guidance 7.5
+
+Adherence: one held-out single-subject caption per sample ("a photo of a red circle on a blue
+striped background", train/scenes.py's test split), DDIM from seed i, read by the judge
+(weights/toy/judge.safetensors); the share of samples whose shape, and whose colour, is the
+caption's. Chance is 1/6 for shape and 1/8 for colour.
+
+Inversion: held-out scenes (one subject) encoded with the VAE, inverted with the scene's caption,
+then redrawn by guided DDIM and decoded: PSNR against the scene. "ddim" redraws plain DDIM
+inversion's x_T with the empty prompt as the unconditional context; "null-text" with the
+optimised per-step contexts (train/inversion.py). "vae" is the reconstruction's ceiling: the
+scene encoded and decoded, no diffusion.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd.config import TOY
+from sd.pipeline import Pipeline
+from train import judge as judgelib
+from train import scenes
+from train.inversion import ddim_inversion, invert, psnr, reconstruct
+
+
+@torch.no_grad()
+def adherence(pipe: Pipeline, judge, samples: int, steps: int, guidance: float) -> dict:
+    truth = [scenes.test_scene(i, two=0.0) for i in range(samples)]
+    prompts = [scenes.caption(t) for t in truth]
+    images = torch.cat([pipe.decode(pipe(prompts[i:i + 32], steps=steps, guidance=guidance,
+                                         seed=i, output="latent"))
+                        for i in range(0, samples, 32)])
+    shapes, colours = judgelib.predict(judge, images * 2 - 1)
+    return {"shape_ok": float(np.mean([s == t.subjects[0].shape for s, t in zip(shapes, truth)])),
+            "colour_ok": float(np.mean([c == t.subjects[0].colour
+                                        for c, t in zip(colours, truth)])),
+            "samples": samples, "steps": steps, "guidance": guidance}
+
+
+def inversion(pipe: Pipeline, scenes_n: int, steps: int, guidance: float) -> dict:
+    rows = {"vae": [], "ddim": [], "null-text": []}
+    for i in range(scenes_n):
+        scene = scenes.test_scene(i, two=0.0)
+        image, _, _ = scenes.render(scene)
+        target = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        prompt = scenes.caption(scene)
+        latent = pipe.encode(Image.fromarray(image))
+        rows["vae"].append(psnr(pipe.decode(latent), target))
+        cond = pipe.encode_prompt(prompt)
+        x_T = ddim_inversion(pipe, latent, cond, steps, False)[-1]
+        redrawn = pipe(prompt, steps=steps, guidance=guidance, latents=x_T, output="latent")
+        rows["ddim"].append(psnr(pipe.decode(redrawn), target))
+        inv = invert(pipe, latent, prompt, steps=steps, guidance=guidance)
+        rows["null-text"].append(psnr(pipe.decode(reconstruct(pipe, inv)), target))
+    return {k: {"mean": statistics.mean(v), "min": min(v), "max": max(v)} for k, v in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path("weights/toy"))
+    p.add_argument("--judge", type=Path, default=Path("weights/toy/judge.safetensors"))
+    p.add_argument("--samples", type=int, default=96, help="adherence samples (default 96)")
+    p.add_argument("--scenes", type=int, default=16, help="inverted scenes (default 16)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 5.0],
+                   help="CFG scales for adherence; the first also for inversion")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    pipe = Pipeline.load(TOY, a.weights, torch.device("cpu"), torch.float32)
+    judge = judgelib.load(a.judge)
+    start = time.perf_counter()
+    out = {"weights": str(a.weights),
+           "adherence": [adherence(pipe, judge, a.samples, a.steps, g) for g in a.guidance]}
+    out["inversion"] = inversion(pipe, a.scenes, a.steps, a.guidance[0]) if a.scenes else None
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
