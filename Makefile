@@ -36,7 +36,7 @@ weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights
 # other model: python -m photoswap with a word swap (SWAP_PROMPT, SUBJECT, CONCEPT).
 SWAP_WEIGHTS ?= weights/toy
 TOY_CONCEPT ?= dotted-star
-SCENE ?= 0
+SCENE ?= 1
 SWAP_PROMPT ?= a photo of a cat
 SUBJECT ?= cat
 CONCEPT ?= sks dog

@@ -1,6 +1,6 @@
 """`make swap` on the toy world: the whole method, offline, on a CPU, measured against exact masks.
 
-    python -m photoswap.toy --weights weights/toy              # dotted-star into held-out scene 0
+    python -m photoswap.toy --weights weights/toy              # dotted-star into held-out scene 1
     python -m photoswap.toy --concept striped-heart --scene 3 -o out/toy/swap
 
 Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>")
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
     p.add_argument("--concept", choices=sorted(concepts.CONCEPTS), default="dotted-star")
-    p.add_argument("--scene", type=int, default=0, help="held-out scene index (0)")
+    p.add_argument("--scene", type=int, default=1, help="held-out scene index (1: a red circle "
+                   "on black stripes)")
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"),
                    help="where DreamBooth'd concepts are kept")
     p.add_argument("-o", "--out", type=Path, default=Path("out/swap"))
