@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
     p.add_argument("-o", "--out", type=Path, default=Path("EVAL.md"))
     p.add_argument("--pictures", type=Path, default=Path("out/eval"),
-                   help="where each concept's outputs go as a grid (out/eval)")
+                   help="where each concept's outputs (a grid) and results.json go (out/eval)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     if not (args.weights / "unet").is_dir():
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(result, command.strip(), args.weights, args.scenes, time.time() - started)
     with atomic_write(args.out) as tmp:
         tmp.write_text(text)
+    with atomic_write(args.pictures / "results.json") as tmp:  # per scene and concept
+        tmp.write_text(toy.to_json(result))
     print(text)
     return 0
 

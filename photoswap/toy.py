@@ -16,6 +16,7 @@ metrics.json to -o, and prints the metrics.
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -144,6 +145,18 @@ def score(image: np.ndarray, src: Source, stats: tuple[np.ndarray, float]) -> di
             **metrics.fidelity(image, region, stats)}
 
 
+def to_json(obj) -> str:
+    """JSON with an infinite PSNR (an exact background) written as null, which JSON can hold."""
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return None if isinstance(o, float) and math.isinf(o) else o
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m photoswap.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         save_image(Image.fromarray(a), args.out / name)
     save_image(grid([top, bottom]), args.out / "grid.png")
     with atomic_write(args.out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(to_json(record))
     print(f"{src.caption!r} -> {target!r}")
     print(f"{'':14s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s} {'colour':>6s} {'texture':>7s}")
     for m in (*METHODS, "reconstruction", "photo"):

@@ -148,3 +148,11 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "lr": 1e-5})
     toy.concept_model("notched-ring", WEIGHTS, tmp_path)
     assert (model / "unet").stat().st_mtime_ns != made
+
+
+def test_metrics_json_holds_an_exact_background_as_null():
+    import json  # noqa: PLC0415
+
+    from photoswap.toy import to_json  # noqa: PLC0415
+
+    assert json.loads(to_json({"psnr": [math.inf, 31.5]})) == {"psnr": [None, 31.5]}
