@@ -110,10 +110,10 @@ def target_prompt(src: Source, concept: str) -> tuple[str, str]:
     return replace_words(src.caption, [src.subject], [words]), words
 
 
-def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS,
-                  guidance: float = GUIDANCE) -> Inversion:
+def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS, guidance: float = GUIDANCE,
+                  progress: bool = False) -> Inversion:
     latent = pipe.encode(Image.fromarray(src.image))
-    return invert(pipe, latent, src.caption, steps, guidance)
+    return invert(pipe, latent, src.caption, steps, guidance, progress=progress)
 
 
 def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list[str],
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.time()
     pipe = load(model)
     src = source(args.scene)
-    inv = invert_source(pipe, src)
+    inv = invert_source(pipe, src, progress=True)
     inverted = time.time()
     target, words = target_prompt(src, args.concept)
     images = swaps(pipe, [src], [inv], [words])
