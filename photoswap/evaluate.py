@@ -1,7 +1,7 @@
 """The swap benchmark (`make eval-toy`): held-out toy scenes x the three concepts, for photoswap,
 p2p and none, scored against exact masks; and DreamBooth's acceptance. Writes EVAL.md.
 
-    python -m photoswap.evaluate --weights weights/toy              # 4 scenes (about 6 CPU min)
+    python -m photoswap.evaluate --weights weights/toy              # 4 scenes, ~8 CPU minutes
     python -m photoswap.evaluate --weights weights/toy --scenes 20  # more
 
 For each concept (DreamBooth'd and cached as `make swap` does, photoswap/toy.py) and each of the
@@ -31,6 +31,7 @@ from photoswap import metrics, toy
 from photoswap.swap import METHODS
 from sd.files import atomic_write
 from sd.images import grid, save_image
+from sd.pipeline import Pipeline
 from train import concepts
 
 PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
@@ -41,9 +42,10 @@ NAMES = {"reconstruction": "source branch (the inversion's reconstruction)",
 KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
 
 
-def sample_fidelity(pipe, name: str, stats: tuple[np.ndarray, float], count: int = SAMPLES,
+def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float], count: int = SAMPLES,
                     steps: int = toy.STEPS, guidance: float = toy.GUIDANCE) -> float:
-    """Mean concept fidelity of `count` samples of "a photo of sks <class>" (seeds 0..count-1)."""
+    """Mean concept fidelity of `count` samples of "a photo of sks <class>" (one generator,
+    seeded 0, draws their noise)."""
     images = pipe([concepts.prompt(name)] * count, steps=steps, guidance=guidance, seed=0)
     scores = [metrics.fidelity(a, metrics.border_region(a), stats)["fidelity"]
               for a in map(np.asarray, images)]
