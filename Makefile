@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all mutants run weights bench toy clean swap toy-weights
+.PHONY: test test-all mutants run weights bench toy clean swap toy-weights eval-toy
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,26 +30,40 @@ run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
 weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights/README.md)
 	$(BIN)/python weights/fetch.py $(MODEL)
 
-# Photoswap (python -m photoswap --help): by default on the toy model, a word swap it knows.
+# Photoswap. On the toy model (a folder whose MODEL says preset=toy; weights/toy by default):
+# python -m photoswap.toy: DreamBooth on TOY_CONCEPT (cached in out/toy/concepts), held-out scene
+# SCENE, its null-text inversion, photoswap / p2p / none, grid and metrics into out/swap. On any
+# other model: python -m photoswap with a word swap (SWAP_PROMPT, SUBJECT, CONCEPT).
 SWAP_WEIGHTS ?= weights/toy
-SWAP_PROMPT ?= a photo of a red circle on a blue striped background
-SUBJECT ?= circle
-CONCEPT ?= square
+TOY_CONCEPT ?= dotted-star
+SCENE ?= 1
+SWAP_PROMPT ?= a photo of a cat
+SUBJECT ?= cat
+CONCEPT ?= sks dog
 SWAP_ARGS ?=
 
 toy-weights:
 	@test -f "$(SWAP_WEIGHTS)" -o -e "$(SWAP_WEIGHTS)/unet" || { \
 	  echo "make swap: no model at $(SWAP_WEIGHTS)/ (no unet/ there). Provide the toy model there (a" \
 	       "diffusers-layout folder: unet/, vae/, text_encoder/ with their config.json and" \
-	       "safetensors; weights/toy has its VAE, its UNet is being trained: make toy retrains it" \
-	       "all), or swap with SD 2.1: make weights, then" \
-	       "make swap SWAP_WEIGHTS=weights/sd2.1-base SWAP_PROMPT='a photo of a cat' SUBJECT=cat" \
-	       "CONCEPT='sks dog' (a DreamBooth'd folder, or add SWAP_ARGS='--embeds FILE')." >&2; \
+	       "safetensors, and MODEL saying preset=toy; weights/toy has its VAE, its UNet is being" \
+	       "trained: make toy retrains it all), or point SWAP_WEIGHTS at one, or swap with SD 2.1:" \
+	       "make weights, then make swap SWAP_WEIGHTS=weights/sd2.1-base SWAP_PROMPT='a photo of a" \
+	       "cat' SUBJECT=cat CONCEPT='sks dog' (a DreamBooth'd folder, or add" \
+	       "SWAP_ARGS='--embeds FILE')." >&2; \
 	  exit 1; }
 
-swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (swap.png, source.png, grid.png, settings.json)
-	$(BIN)/python -m photoswap "$(SWAP_PROMPT)" --subject $(SUBJECT) --concept "$(CONCEPT)" \
-	  --weights $(SWAP_WEIGHTS) -o out/swap --heatmap --layout $(SWAP_ARGS)
+TOY_SWAP = $(BIN)/python -m photoswap.toy --weights "$(SWAP_WEIGHTS)" --concept $(TOY_CONCEPT) \
+  --scene $(SCENE) -o out/swap $(SWAP_ARGS)
+swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metrics or settings)
+	@if grep -qs '^preset=toy' "$(SWAP_WEIGHTS)/MODEL"; then echo '$(TOY_SWAP)'; $(TOY_SWAP); \
+	else set -x; $(BIN)/python -m photoswap "$(SWAP_PROMPT)" --subject $(SUBJECT) \
+	  --concept "$(CONCEPT)" --weights "$(SWAP_WEIGHTS)" -o out/swap --heatmap --layout \
+	  $(SWAP_ARGS); fi
+
+EVAL_SCENES ?= 4
+eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~10 CPU min)
+	$(BIN)/python -m photoswap.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules

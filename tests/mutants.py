@@ -148,6 +148,14 @@ MUTANTS = [
       "opt = torch.optim.Adam([emb], lr=lr * (1 - i / 100), eps=1e-8 * scale)",
       "opt = torch.optim.Adam([emb], lr=lr, eps=1e-8 * scale)",
       "tests/test_inversion.py::test_matches_the_notebook"),
+    # The toy world (issue 11): a swap whose control is dropped is the `none` baseline. The toy
+    # test runs first and catches it where a trained toy model exists (weights/toy, or
+    # TOY_WEIGHTS); without one it skips and the tiny model's recorder test catches it instead.
+    m("swap runs without its control (no swaps, no blend)", "photoswap/swap.py",
+      "ctrl, progress=progress, callback=ctrl.callback)",
+      "None, progress=progress, callback=None)",
+      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_better_than_none",
+      "tests/test_swap_runner.py::test_recorder_changes_nothing_and_draws"),
 ]
 
 

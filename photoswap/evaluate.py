@@ -1,0 +1,155 @@
+"""The swap benchmark (`make eval-toy`): held-out toy scenes x the three concepts, for photoswap,
+p2p and none, scored against exact masks; and DreamBooth's acceptance. Writes EVAL.md.
+
+    python -m photoswap.evaluate --weights weights/toy              # 4 scenes, ~8 CPU minutes
+    python -m photoswap.evaluate --weights weights/toy --scenes 20  # more
+
+For each concept (DreamBooth'd and cached as `make swap` does, photoswap/toy.py) and each of the
+first --scenes held-out one-subject scenes: null-text inversion with the concept model, then the
+three methods from it (photoswap/toy.py `swaps`), each output scored by photoswap/metrics.py:
+background PSNR outside the source mask dilated by 3 px against the background render (capped at
+PSNR_CAP before averaging, since a perfect background is infinite), layout IoU of the region
+that departs from the background render against the source mask, concept fidelity of that region
+against the concept's reference subjects (paint-colour histogram intersection and texture
+busyness; the metrics module says how). The unswapped source scene is scored too, for scale.
+
+DreamBooth's acceptance: SAMPLES images of "a photo of sks <class>" from the DreamBooth'd model
+and from the untuned base model, same seeds; the subject of a free sample is found against its
+border colours (metrics.border_region); mean concept fidelity of each.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from photoswap import metrics, toy
+from photoswap.swap import METHODS
+from sd.files import atomic_write
+from sd.images import grid, save_image
+from sd.pipeline import Pipeline
+from train import concepts
+
+PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
+SAMPLES = 8
+ROWS = (*METHODS, "reconstruction", "photo")
+NAMES = {"reconstruction": "source branch (the inversion's reconstruction)",
+         "photo": "the source photo itself (unswapped, for scale)"}
+KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
+
+
+def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float], count: int = SAMPLES,
+                    steps: int = toy.STEPS, guidance: float = toy.GUIDANCE) -> float:
+    """Mean concept fidelity of `count` samples of "a photo of sks <class>" (one generator,
+    seeded 0, draws their noise)."""
+    images = pipe([concepts.prompt(name)] * count, steps=steps, guidance=guidance, seed=0)
+    scores = [metrics.fidelity(a, metrics.border_region(a), stats)["fidelity"]
+              for a in map(np.asarray, images)]
+    return float(np.mean(scores))
+
+
+def mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for k in KEYS:
+        values = [min(r[k], PSNR_CAP) if k == "background_psnr" else r[k] for r in rows]
+        out[k] = float(np.mean(values))
+    return out
+
+
+def evaluate(weights: Path, scenes: int, names: list[str], cache: Path, pictures: Path,
+             progress: bool = True) -> dict:
+    """{"swaps": {method: {concept: [scores per scene]}}, "dreambooth": {concept: {...}}}; the
+    outputs go to pictures/<concept>.png, a row per scene: photo, source branch, the methods."""
+    base = toy.load(weights)
+    srcs = [toy.source(i) for i in range(scenes)]
+    result: dict = {"swaps": {m: {} for m in ROWS}, "dreambooth": {}}
+    for name in names:
+        started = time.time()
+        model = toy.concept_model(name, weights, cache, quiet=not progress)
+        pipe = toy.load(model)
+        stats = metrics.concept_stats(concepts.references(name))
+        invs = [toy.invert_source(pipe, s) for s in srcs]
+        images = toy.swaps(pipe, srcs, invs, [toy.target_prompt(s, name)[1] for s in srcs])
+        for m in METHODS:
+            result["swaps"][m][name] = [toy.score(a, s, stats) for a, s in zip(images[m], srcs)]
+        result["swaps"]["reconstruction"][name] = [toy.score(a, s, stats)
+                                                   for a, s in zip(images["source"], srcs)]
+        result["swaps"]["photo"][name] = [toy.score(s.image, s, stats) for s in srcs]
+        cells = [[Image.fromarray(a) for a in (s.image, images["source"][i],
+                                               *(images[m][i] for m in METHODS))]
+                 for i, s in enumerate(srcs)]
+        pictures.mkdir(parents=True, exist_ok=True)
+        save_image(grid(cells), pictures / f"{name}.png")
+        result["dreambooth"][name] = {"tuned": sample_fidelity(pipe, name, stats),
+                                      "untuned": sample_fidelity(base, name, stats)}
+        if progress:
+            print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
+    return result
+
+
+def table(result: dict, command: str, weights: Path, scenes: int, seconds: float) -> str:
+    """EVAL.md: the swap table (means over scenes x concepts), then DreamBooth's acceptance."""
+    lines = ["# Swap benchmark on the toy world", "",
+             f"Made by `{command}` with the weights in `{weights}`, {scenes} held-out scenes x "
+             f"{len(result['dreambooth'])} concepts, {toy.STEPS} DDIM steps, guidance "
+             f"{toy.GUIDANCE}, null-text inversion with each concept's DreamBooth'd model, "
+             f"in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s). "
+             "How each number is computed: photoswap/metrics.py and photoswap/evaluate.py.", "",
+             "| method | background PSNR (dB) | layout IoU | concept fidelity | colour | texture |",
+             "|---|---|---|---|---|---|"]
+    for m in ROWS:
+        rows = [r for per in result["swaps"][m].values() for r in per]
+        v = mean(rows)
+        name = NAMES.get(m, f"`{m}`")
+        lines.append(f"| {name} | {v['background_psnr']:.2f} | {v['layout_iou']:.3f} | "
+                     f"{v['fidelity']:.3f} | {v['colour']:.3f} | {v['texture']:.3f} |")
+    lines += ["", f"Background PSNR is capped at {PSNR_CAP:.0f} dB before averaging (the "
+              "unswapped photo's background is exact: infinite).", "",
+              f"DreamBooth acceptance: mean concept fidelity of {SAMPLES} samples of "
+              '"a photo of sks <class>" (same seeds).', "",
+              "| concept | DreamBooth'd | untuned |", "|---|---|---|"]
+    for name, d in result["dreambooth"].items():
+        lines.append(f"| {name} | {d['tuned']:.3f} | {d['untuned']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m photoswap.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
+    p.add_argument("--scenes", type=int, default=4, help="held-out scenes per concept (4)")
+    p.add_argument("--concepts", nargs="+", choices=sorted(concepts.CONCEPTS),
+                   default=sorted(concepts.CONCEPTS))
+    p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
+    p.add_argument("-o", "--out", type=Path, default=Path("EVAL.md"))
+    p.add_argument("--pictures", type=Path, default=Path("out/eval"),
+                   help="where each concept's outputs (a grid) and results.json go (out/eval)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.weights / "unet").is_dir():
+        print(f"error: no toy model at {args.weights} (no unet/ there): give --weights a folder "
+              "with unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)",
+              file=sys.stderr)
+        return 1
+    if args.scenes < 1:
+        print("error: --scenes: give 1 or more", file=sys.stderr)
+        return 1
+    started = time.time()
+    result = evaluate(args.weights, args.scenes, args.concepts, args.cache, args.pictures,
+                      not args.quiet)
+    command = "python -m photoswap.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = table(result, command.strip(), args.weights, args.scenes, time.time() - started)
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(text)
+    with atomic_write(args.pictures / "results.json") as tmp:  # per scene and concept
+        tmp.write_text(toy.to_json(result))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""`make swap` on the toy world: the whole method, offline, on a CPU, measured against exact masks.
+
+    python -m photoswap.toy --weights weights/toy              # dotted-star into held-out scene 1
+    python -m photoswap.toy --concept striped-heart --scene 3 -o out/toy/swap
+
+Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>")
+into out/toy/concepts/<name>/model, cached with the recipe and a digest of the base weights; draw
+held-out scene --scene (train/scenes.py's test split, one subject); null-text invert it with the
+concept model (as the official code does); swap its subject ("a red circle" -> "a sks star") with
+`photoswap`, `p2p` and `none` from the inversion; score each output (photoswap/metrics.py):
+background PSNR against the background render, layout IoU against the exact mask, concept
+fidelity. Writes images, grid.png (source | photoswap | p2p | none, then the references) and
+metrics.json to -o, and prints the metrics.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from photoswap import metrics
+from photoswap.swap import METHODS, Pair, replace_words, run, settings_for
+from photoswap.visual import label
+from sd.config import preset
+from sd.files import atomic_write
+from sd.images import grid, save_image, to_pil
+from sd.pipeline import Pipeline
+from train import concepts, scenes
+from train.inversion import Inversion, invert
+
+# DreamBooth on the toy model, chosen by trying on an early checkpoint and looking at samples of
+# "a photo of sks star": the UNet alone at 1e-4 learned nothing in 200 steps; with the text
+# encoder (the untrained "sks" row must move) 4e-4 for 200 steps drew dotted purple stars, 6e-4
+# for 100 blobs with dots. Photoswap's own recipe (1e-6, 800 steps) is for SD's 865 M UNet.
+DREAMBOOTH = {"steps": 150, "lr": 5e-4, "batch_size": 4, "train_text_encoder": True, "seed": 0}
+STEPS, GUIDANCE = 50, 7.5  # the paper's sampling settings; inversion at the same
+# Local blend on the toy UNet: the official quarter-side maps (level 2) are the mid block's 4x4;
+# after the 3x3 max-pool its mask covered the whole latent in all 3 scenes tried on an early
+# checkpoint (level 1: 36-47%), so the toy reads the 8x8 maps.
+BLEND_LEVEL = 1
+
+
+@dataclass
+class Source:
+    """A held-out scene with one subject: what the swap starts from and what scores it."""
+
+    index: int
+    image: np.ndarray  # uint8 [64, 64, 3]
+    mask: np.ndarray  # bool [64, 64], the subject
+    background: np.ndarray  # uint8 [64, 64, 3], the background render
+    caption: str
+    subject: str  # "red circle": the words the concept replaces
+
+
+def source(index: int) -> Source:
+    scene = scenes.test_scene(index, two=0.0)
+    image, masks, bg = scenes.render(scene)
+    s = scene.subjects[0]
+    return Source(index, image, masks[0], bg, scenes.caption(scene), f"{s.colour} {s.shape}")
+
+
+def digest(weights: Path) -> str:
+    """sha256 of every file of a model folder (a few MB for the toy model): the cache key."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(weights).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(weights)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"),
+                  quiet: bool = True) -> Path:
+    """The DreamBooth'd model folder of a concept, trained on first use and cached in root/name
+    (retrained when the recipe or the base weights change)."""
+    folder = root / name
+    recipe = {"concept": name, "base": digest(weights), **DREAMBOOTH}
+    stamp = folder / "recipe.json"
+    if (folder / "model" / "MODEL").is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()) == recipe:
+            return folder / "model"
+    from train import dreambooth, finetune  # noqa: PLC0415 (only when training)
+
+    refs = folder / "references"
+    concepts.write(name, refs)
+    d = DREAMBOOTH
+    argv = [str(refs), "--instance-prompt", concepts.prompt(name), "--weights", str(weights),
+            "--steps", str(d["steps"]), "--lr", str(d["lr"]), "--batch-size", str(d["batch_size"]),
+            "--seed", str(d["seed"]), "--checkpoint-every", "0", "--keep", "1", "-o", str(folder)]
+    argv += ["--train-text-encoder"] * d["train_text_encoder"] + ["-q"] * quiet
+    finetune.train(dreambooth.parse(argv))
+    with atomic_write(stamp) as tmp:  # written last: a killed run retrains
+        tmp.write_text(json.dumps(recipe, indent=2) + "\n")
+    return folder / "model"
+
+
+def load(weights: Path) -> Pipeline:
+    return Pipeline.load(preset("toy"), weights, "cpu", torch.float32)
+
+
+def target_prompt(src: Source, concept: str) -> tuple[str, str]:
+    """(target prompt, concept words): "a photo of a sks star on a black striped background"."""
+    words = f"sks {concepts.CONCEPTS[concept][0]}"
+    return replace_words(src.caption, [src.subject], [words]), words
+
+
+def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS, guidance: float = GUIDANCE,
+                  progress: bool = False) -> Inversion:
+    latent = pipe.encode(Image.fromarray(src.image))
+    return invert(pipe, latent, src.caption, steps, guidance, progress=progress)
+
+
+def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list[str],
+          methods: tuple[str, ...] = METHODS, steps: int = STEPS, guidance: float = GUIDANCE,
+          blend_level: int = BLEND_LEVEL) -> dict[str, list[np.ndarray]]:
+    """uint8 images per method (and "source", the inversion's reconstruction), one per source,
+    source i's subject replaced by words[i] ("sks star"); a method's sources run as one batch."""
+    pairs = []
+    for src, inv, w in zip(srcs, invs, words):
+        target = replace_words(src.caption, [src.subject], [w])
+        pairs.append(Pair(src.caption, target, [src.subject], [w], inv.x_T, inv.uncond))
+    out: dict[str, list[np.ndarray]] = {}
+    for method in methods:
+        settings = settings_for(method)
+        if settings.blend_start is not None:
+            settings = replace(settings, blend_level=blend_level)
+        latents, _ = run(pipe, pairs, settings, steps, guidance)
+        images = [np.asarray(im) for im in to_pil(pipe.decode(latents))]
+        out.setdefault("source", images[: len(pairs)])
+        out[method] = images[len(pairs) :]
+    return out
+
+
+def score(image: np.ndarray, src: Source, stats: tuple[np.ndarray, float]) -> dict[str, float]:
+    """Background PSNR, layout IoU and concept fidelity of one output (photoswap/metrics.py)."""
+    region = metrics.subject_region(image, src.background)
+    return {"background_psnr": metrics.background_psnr(image, src.background, src.mask),
+            "layout_iou": metrics.iou(region, src.mask),
+            **metrics.fidelity(image, region, stats)}
+
+
+def to_json(obj) -> str:
+    """JSON with an infinite PSNR (an exact background) written as null, which JSON can hold."""
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return None if isinstance(o, float) and math.isinf(o) else o
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m photoswap.toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
+    p.add_argument("--concept", choices=sorted(concepts.CONCEPTS), default="dotted-star")
+    p.add_argument("--scene", type=int, default=1, help="held-out scene index (1: a red circle "
+                   "on black stripes)")
+    p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"),
+                   help="where DreamBooth'd concepts are kept")
+    p.add_argument("-o", "--out", type=Path, default=Path("out/swap"))
+    args = p.parse_args(argv)
+    if not (args.weights / "unet").is_dir():
+        print(f"error: no toy model at {args.weights} (no unet/ there): give --weights a folder "
+              "with unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)",
+              file=sys.stderr)
+        return 1
+    if args.scene < 0:
+        print("error: --scene: give 0 or more", file=sys.stderr)
+        return 1
+    started = time.time()
+    model = concept_model(args.concept, args.weights, args.cache, quiet=False)
+    trained = time.time()
+    pipe = load(model)
+    src = source(args.scene)
+    inv = invert_source(pipe, src, progress=True)
+    inverted = time.time()
+    target, words = target_prompt(src, args.concept)
+    images = swaps(pipe, [src], [inv], [words])
+    refs = concepts.references(args.concept)
+    stats = metrics.concept_stats(refs)
+    results = {m: score(images[m][0], src, stats) for m in METHODS}
+    results["reconstruction"] = score(images["source"][0], src, stats)  # the source branch
+    results["photo"] = score(src.image, src, stats)  # unswapped, for scale
+    record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
+              "target_prompt": target, "weights": str(args.weights), "steps": STEPS,
+              "guidance": GUIDANCE, "dreambooth": DREAMBOOTH, "metrics": results,
+              "reconstruction_psnr": metrics.psnr(images["source"][0], src.image),
+              "seconds": {"dreambooth": round(trained - started, 1),
+                          "inversion": round(inverted - trained, 1),
+                          "swaps": round(time.time() - inverted, 1)}}
+    pil = {"photo.png": src.image, "reconstruction.png": images["source"][0],
+           **{f"{m}.png": images[m][0] for m in METHODS}}
+    big = lambda a: Image.fromarray(a).resize((128, 128), Image.Resampling.NEAREST)  # noqa: E731
+    top = [label(big(src.image), "source")] + [label(big(images[m][0]), m) for m in METHODS]
+    bottom = [label(big(im), f"ref {i}") for i, (im, _) in enumerate(refs[:4])]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, a in pil.items():
+        save_image(Image.fromarray(a), args.out / name)
+    save_image(grid([top, bottom]), args.out / "grid.png")
+    with atomic_write(args.out / "metrics.json") as tmp:
+        tmp.write_text(to_json(record))
+    print(f"{src.caption!r} -> {target!r}")
+    print(f"{'':14s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s} {'colour':>6s} {'texture':>7s}")
+    for m in (*METHODS, "reconstruction", "photo"):
+        r = results[m]
+        print(f"{m:14s} {r['background_psnr']:8.2f} {r['layout_iou']:6.3f} {r['fidelity']:8.3f} "
+              f"{r['colour']:6.3f} {r['texture']:7.3f}")
+    print(f"inversion reconstructs the photo at {record['reconstruction_psnr']:.2f} dB; "
+          f"seconds {record['seconds']}; wrote {', '.join(pil)}, grid.png, metrics.json to "
+          f"{args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
