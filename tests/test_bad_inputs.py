@@ -296,7 +296,10 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(photos, tmp_path)
     argv = [sys.executable, "-m", "train.textual_inversion", str(photos), "--token", "<sks>",
             "--model", "tiny", "--steps", "100000", "--checkpoint-every", "1", "-q",
             "-o", str(tmp_path)]
-    run = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and a child
+    # inherits that (Python then installs no KeyboardInterrupt handler): give it Ctrl-C back.
+    run = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (tmp_path / "latest").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
