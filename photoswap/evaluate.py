@@ -130,10 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where each concept's outputs (a grid) and results.json go (out/eval)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    if not (args.weights / "unet").is_dir():
-        print(f"error: no toy model at {args.weights} (no unet/ there): give --weights a folder "
-              "with unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)",
-              file=sys.stderr)
+    if message := toy.missing(args.weights):
+        print(message, file=sys.stderr)
         return 1
     if args.scenes < 1:
         print("error: --scenes: give 1 or more", file=sys.stderr)

@@ -100,6 +100,14 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     return folder / "model"
 
 
+def missing(weights: Path) -> str | None:
+    """The error line for a --weights folder that holds no toy model, else None."""
+    if (weights / "unet").is_dir():
+        return None
+    return (f"error: no toy model at {weights} (no unet/ there): give --weights a folder with "
+            "unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)")
+
+
 def load(weights: Path) -> Pipeline:
     return Pipeline.load(preset("toy"), weights, "cpu", torch.float32)
 
@@ -168,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where DreamBooth'd concepts are kept")
     p.add_argument("-o", "--out", type=Path, default=Path("out/swap"))
     args = p.parse_args(argv)
-    if not (args.weights / "unet").is_dir():
-        print(f"error: no toy model at {args.weights} (no unet/ there): give --weights a folder "
-              "with unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)",
-              file=sys.stderr)
+    if message := missing(args.weights):
+        print(message, file=sys.stderr)
         return 1
     if args.scene < 0:
         print("error: --scene: give 0 or more", file=sys.stderr)
