@@ -29,7 +29,7 @@ from train.scenes import PAINTS
 
 DILATE = 3  # pixels: the anti-aliased edge is 1 px, the toy VAE's blur about 2 more
 REGION_THRESHOLD = 48.0  # 0..255: above the VAE's error (30 dB is RMS 8) and a gradient's slope
-PALETTE = np.array(list(PAINTS.values()), np.float32)  # [10, 3]
+PALETTE = np.array(list(PAINTS.values()), np.float32)  # [9, 3]
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -78,9 +78,11 @@ def digest(weights: Path) -> str:
 def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"),
                   quiet: bool = True) -> Path:
     """The DreamBooth'd model folder of a concept, trained on first use and cached in root/name
-    (retrained when the recipe or the base weights change)."""
+    (retrained when the recipe, the base weights or the concept's reference images change)."""
     folder = root / name
-    recipe = {"concept": name, "base": digest(weights), **DREAMBOOTH}
+    pictures = hashlib.sha256(b"".join(im.tobytes() for im, _ in concepts.references(name)))
+    recipe = {"concept": name, "base": digest(weights), "references": pictures.hexdigest()[:16],
+              **DREAMBOOTH}
     stamp = folder / "recipe.json"
     if (folder / "model" / "MODEL").is_file() and stamp.is_file():
         if json.loads(stamp.read_text()) == recipe:

@@ -1,10 +1,12 @@
 """The toy world's scenes: determinism, exact masks, disjoint splits, parseable captions."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from train import concepts, scenes
-from train.scenes import COLOURS, HELD_OUT, PATTERNS, SHAPES
+from train.scenes import COLOURS, HELD_OUT, PATTERNS, SHAPES, render
 
 
 def test_same_seed_same_scene_and_pixels():
@@ -88,7 +90,12 @@ def test_concepts_are_new_to_pretraining():
         assert 4 <= len(refs) <= 6 and word in SHAPES and subject.shape == word
         poses = {concepts.concept_scene(name, i).subjects[0].angle for i in range(len(refs))}
         assert len(poses) == len(refs)
-        for image, mask in refs:
+        for i, (image, mask) in enumerate(refs):
+            scene = concepts.concept_scene(name, i)
+            if subject.texture == "notched":  # a shape no scene has: the plain ring is fuller
+                plain = replace(scene, subjects=(replace(scene.subjects[0], texture=None),))
+                assert render(plain)[1][0].sum() > 1.05 * mask.sum(), f"{name} has no notch"
+                continue
             paint = image[mask].reshape(-1, 3)
             # Either a colour no scene uses, or two colours inside one subject: a texture.
             flat = [np.abs(paint - c).sum(1) < 30 for c in COLOURS.values()]

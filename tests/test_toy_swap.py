@@ -148,6 +148,15 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "lr": 1e-5})
     toy.concept_model("notched-ring", WEIGHTS, tmp_path)
     assert (model / "unet").stat().st_mtime_ns != made
+    made = (model / "unet").stat().st_mtime_ns
+    from dataclasses import replace  # noqa: PLC0415
+
+    from train import concepts  # noqa: PLC0415
+
+    word, subject = concepts.CONCEPTS["notched-ring"]  # new reference pictures: trained again
+    monkeypatch.setitem(concepts.CONCEPTS, "notched-ring", (word, replace(subject, colour="red")))
+    toy.concept_model("notched-ring", WEIGHTS, tmp_path)
+    assert (model / "unet").stat().st_mtime_ns != made
 
 
 def test_metrics_json_holds_an_exact_background_as_null():

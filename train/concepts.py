@@ -1,8 +1,10 @@
 """DreamBooth concepts for the toy world: textured subjects that pretraining never shows.
 
-Each concept is a subject of a shape pretraining knows (its class word) painted in a way no
-pretraining scene is: white polka dots, two-tone stripes, a notch and a colour (teal, pink) outside
-the eight named colours. Its reference images vary pose, size, position and background; they are
+Each concept is a subject of a shape pretraining knows (its class word) drawn in a way no
+pretraining scene is: white polka dots, two-tone stripes in a colour outside the eight named ones
+(pink), a notch cut out of a ring. The notched ring is orange, a named colour: the toy VAE, trained
+on the named colours only, decodes teal (its first colour) as purple (its references at 17-18 dB,
+mean teal (1, 148, 152) -> (109, 54, 155)), so DreamBooth could learn its notch, not its paint. Its reference images vary pose, size, position and background; they are
 drawn from fixed seeds of their own, so they are the same on every machine.
 """
 
@@ -18,7 +20,7 @@ from train.scenes import COLOURS, PATTERNS, SIZE, Scene, Subject, render
 CONCEPTS: dict[str, tuple[str, Subject]] = {
     "dotted-star": ("star", Subject("star", "purple", 0, 0, 1, 0, texture="dots")),
     "striped-heart": ("heart", Subject("heart", "pink", 0, 0, 1, 0, texture="stripes:blue")),
-    "notched-ring": ("ring", Subject("ring", "teal", 0, 0, 1, 0, texture="notched")),
+    "notched-ring": ("ring", Subject("ring", "orange", 0, 0, 1, 0, texture="notched")),
 }
 REFERENCES = 5
 CONCEPT_SEED = 2 * 10**9  # above both scene splits
