@@ -46,8 +46,8 @@ toy-weights:
 	@test -f "$(SWAP_WEIGHTS)" -o -e "$(SWAP_WEIGHTS)/unet" || { \
 	  echo "make swap: no model at $(SWAP_WEIGHTS)/ (no unet/ there). Provide the toy model there (a" \
 	       "diffusers-layout folder: unet/, vae/, text_encoder/ with their config.json and" \
-	       "safetensors, and MODEL saying preset=toy; weights/toy has its VAE, its UNet is being" \
-	       "trained: make toy retrains it all), or point SWAP_WEIGHTS at one, or swap with SD 2.1:" \
+	       "safetensors, and MODEL saying preset=toy; git checkout weights/toy restores the committed" \
+	       "one, make toy retrains it), or point SWAP_WEIGHTS at one, or swap with SD 2.1:" \
 	       "make weights, then make swap SWAP_WEIGHTS=weights/sd2.1-base SWAP_PROMPT='a photo of a" \
 	       "cat' SUBJECT=cat CONCEPT='sks dog' (a DreamBooth'd folder, or add" \
 	       "SWAP_ARGS='--embeds FILE')." >&2; \
