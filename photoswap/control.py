@@ -96,6 +96,15 @@ PRESETS: dict[str, Settings] = {
     # phi's and phi, in the same layers, overrides it: M never acts. We keep M at 0.
     "official": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
                          a=Swap(0.6, Layers(), "cond")),
+    # The toy model (sd.config.TOY, 16x16 latents): the official preset with A over every step,
+    # local blend from its 8x8 maps (its quarter-side maps are the mid block's 4x4, and a 3x3
+    # max-pool of those covers the whole latent) at threshold 0.5. A small latent forms its
+    # layout late (the same noise level hides more of a 16^2 picture than of a 64^2 one), so A
+    # must last: swept on held-out scenes 4-11 x 3 concepts, apart from EVAL.md's 0-3, background
+    # PSNR / layout IoU were paper 22.5 / 0.25, official 25.7 / 0.31, official with A 0.8 25.4 /
+    # 0.34 and A 1.0 27.7 / 0.46 (this), `none` 20.6 / 0.22 (photoswap/evaluate.py's metrics).
+    "toy": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
+                    a=Swap(1.0, Layers(), "cond"), blend_threshold=0.5, blend_level=1),
 }
 
 

@@ -1,17 +1,18 @@
 """The swap benchmark (`make eval-toy`): held-out toy scenes x the three concepts, for photoswap,
 p2p and none, scored against exact masks; and DreamBooth's acceptance. Writes EVAL.md.
 
-    python -m photoswap.evaluate --weights weights/toy              # 4 scenes, ~8 CPU minutes
+    python -m photoswap.evaluate --weights weights/toy              # 4 scenes, ~10 CPU minutes
     python -m photoswap.evaluate --weights weights/toy --scenes 20  # more
 
 For each concept (DreamBooth'd and cached as `make swap` does, photoswap/toy.py) and each of the
 first --scenes held-out one-subject scenes: null-text inversion with the concept model, then the
-three methods from it (photoswap/toy.py `swaps`), each output scored by photoswap/metrics.py:
+three methods from it (photoswap/toy.py `swaps`: photoswap with the toy preset, p2p and none derived
+from it; and photoswap with the paper's windows), each output scored by photoswap/metrics.py:
 background PSNR outside the source mask dilated by 3 px against the background render (capped at
-PSNR_CAP before averaging, since a perfect background is infinite), layout IoU of the region
-that departs from the background render against the source mask, concept fidelity of that region
-against the concept's reference subjects (paint-colour histogram intersection and texture
-busyness; the metrics module says how). The unswapped source scene is scored too, for scale.
+PSNR_CAP before averaging, since a perfect background is infinite), layout IoU of the region that
+departs from the background render against the source mask, concept fidelity of that region against
+the concept's reference subjects (paint-colour histogram intersection and texture busyness; the
+metrics module says how). The unswapped source scene is scored too, for scale.
 
 DreamBooth's acceptance: SAMPLES images of "a photo of sks <class>" from the DreamBooth'd model
 and from the untuned base model, same seeds; the subject of a free sample is found against its
@@ -36,13 +37,16 @@ from train import concepts
 
 PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
 SAMPLES = 8
-ROWS = (*METHODS, "reconstruction", "photo")
-NAMES = {"reconstruction": "source branch (the inversion's reconstruction)",
+ROWS = (*METHODS, "paper", "reconstruction", "photo")
+NAMES = {"photoswap": "`photoswap` (toy preset: phi 0.8, M 0, A 1.0)",
+         "paper": "`photoswap` with the paper's windows (phi 0.2, M 0.5, A 0.4)",
+         "reconstruction": "source branch (the inversion's reconstruction)",
          "photo": "the source photo itself (unswapped, for scale)"}
 KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
 
 
-def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float], count: int = SAMPLES,
+def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float],
+                    count: int = SAMPLES,
                     steps: int = toy.STEPS, guidance: float = toy.GUIDANCE) -> float:
     """Mean concept fidelity of `count` samples of "a photo of sks <class>" (one generator,
     seeded 0, draws their noise)."""
@@ -73,8 +77,11 @@ def evaluate(weights: Path, scenes: int, names: list[str], cache: Path, pictures
         pipe = toy.load(model)
         stats = metrics.concept_stats(concepts.references(name))
         invs = [toy.invert_source(pipe, s) for s in srcs]
-        images = toy.swaps(pipe, srcs, invs, [toy.target_prompt(s, name)[1] for s in srcs])
-        for m in METHODS:
+        words = [toy.target_prompt(s, name)[1] for s in srcs]
+        images = toy.swaps(pipe, srcs, invs, words)
+        images["paper"] = toy.swaps(pipe, srcs, invs, words, ("photoswap",), base=toy.PAPER)[
+            "photoswap"]
+        for m in (*METHODS, "paper"):
             result["swaps"][m][name] = [toy.score(a, s, stats) for a, s in zip(images[m], srcs)]
         result["swaps"]["reconstruction"][name] = [toy.score(a, s, stats)
                                                    for a, s in zip(images["source"], srcs)]
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m photoswap.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
-    p.add_argument("--scenes", type=int, default=4, help="held-out scenes per concept (4)")
+    p.add_argument("--scenes", type=int, default=4, help="held-out scenes per concept (4: "
+                   "scenes 0-3; the toy preset was chosen on 4-11)")
     p.add_argument("--concepts", nargs="+", choices=sorted(concepts.CONCEPTS),
                    default=sorted(concepts.CONCEPTS))
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))

@@ -30,13 +30,17 @@ class Pair:
     uncond: list[torch.Tensor] | None = None  # one [1, 77, width] context per step (null-text)
 
 
+def method_settings(method: str, base: Settings) -> Settings:
+    """A method's settings from a preset: photoswap is the preset, the baselines derive from it."""
+    return {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
+
+
 def settings_for(method: str, preset: str = "paper", phi: float | None = None,
                  m: float | None = None, a: float | None = None,
                  blend_start: float | None | bool = True) -> Settings:
     """The preset, turned into a baseline by `method`, with windows overridden where given;
     blend_start False turns local blend off, True keeps the preset's."""
-    base = PRESETS[preset]
-    s = {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
+    s = method_settings(method, PRESETS[preset])
     for name, window in (("phi", phi), ("m", m), ("a", a)):
         if window is not None:
             s = replace(s, **{name: replace(getattr(s, name), window=window)})

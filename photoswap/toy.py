@@ -3,14 +3,14 @@
     python -m photoswap.toy --weights weights/toy              # dotted-star into held-out scene 1
     python -m photoswap.toy --concept striped-heart --scene 3 -o out/toy/swap
 
-Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>")
-into out/toy/concepts/<name>/model, cached with the recipe and a digest of the base weights; draw
+Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>") into
+out/toy/concepts/<name>/model, cached with the recipe and a digest of the base weights; draw
 held-out scene --scene (train/scenes.py's test split, one subject); null-text invert it with the
 concept model (as the official code does); swap its subject ("a red circle" -> "a sks star") with
-`photoswap`, `p2p` and `none` from the inversion; score each output (photoswap/metrics.py):
-background PSNR against the background render, layout IoU against the exact mask, concept
-fidelity. Writes images, grid.png (source | photoswap | p2p | none, then the references) and
-metrics.json to -o, and prints the metrics.
+`photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the inversion; score
+each output (photoswap/metrics.py): background PSNR against the background render, layout IoU
+against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap | p2p | none,
+then the references) and metrics.json to -o, and prints the metrics.
 """
 
 import argparse
@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from photoswap import metrics
-from photoswap.swap import METHODS, Pair, replace_words, run, settings_for
+from photoswap.control import PRESETS, Settings
+from photoswap.swap import METHODS, Pair, method_settings, replace_words, run
 from photoswap.visual import label
 from sd.config import preset
 from sd.files import atomic_write
@@ -42,10 +43,9 @@ from train.inversion import Inversion, invert
 # for 100 blobs with dots. Photoswap's own recipe (1e-6, 800 steps) is for SD's 865 M UNet.
 DREAMBOOTH = {"steps": 150, "lr": 5e-4, "batch_size": 4, "train_text_encoder": True, "seed": 0}
 STEPS, GUIDANCE = 50, 7.5  # the paper's sampling settings; inversion at the same
-# Local blend on the toy UNet: the official quarter-side maps (level 2) are the mid block's 4x4;
-# after the 3x3 max-pool its mask covered the whole latent in all 3 scenes tried on an early
-# checkpoint (level 1: 36-47%), so the toy reads the 8x8 maps.
-BLEND_LEVEL = 1
+SETTINGS = PRESETS["toy"]  # photoswap/control.py says why and how it was chosen
+# The paper's windows (phi 0.2, M 0.5, A 0.4) with the toy's local blend, reported beside it.
+PAPER = replace(SETTINGS, phi=PRESETS["paper"].phi, m=PRESETS["paper"].m, a=PRESETS["paper"].a)
 
 
 @dataclass
@@ -128,19 +128,17 @@ def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS, guidance: flo
 
 def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list[str],
           methods: tuple[str, ...] = METHODS, steps: int = STEPS, guidance: float = GUIDANCE,
-          blend_level: int = BLEND_LEVEL) -> dict[str, list[np.ndarray]]:
+          base: Settings = SETTINGS) -> dict[str, list[np.ndarray]]:
     """uint8 images per method (and "source", the inversion's reconstruction), one per source,
-    source i's subject replaced by words[i] ("sks star"); a method's sources run as one batch."""
+    source i's subject replaced by words[i] ("sks star"); a method's sources run as one batch.
+    The methods' settings derive from `base` (photoswap/swap.py method_settings)."""
     pairs = []
     for src, inv, w in zip(srcs, invs, words):
         target = replace_words(src.caption, [src.subject], [w])
         pairs.append(Pair(src.caption, target, [src.subject], [w], inv.x_T, inv.uncond))
     out: dict[str, list[np.ndarray]] = {}
     for method in methods:
-        settings = settings_for(method)
-        if settings.blend_start is not None:
-            settings = replace(settings, blend_level=blend_level)
-        latents, _ = run(pipe, pairs, settings, steps, guidance)
+        latents, _ = run(pipe, pairs, method_settings(method, base), steps, guidance)
         images = [np.asarray(im) for im in to_pil(pipe.decode(latents))]
         out.setdefault("source", images[: len(pairs)])
         out[method] = images[len(pairs) :]
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     results["photo"] = score(src.image, src, stats)  # unswapped, for scale
     record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
               "target_prompt": target, "weights": str(args.weights), "steps": STEPS,
-              "guidance": GUIDANCE, "dreambooth": DREAMBOOTH, "metrics": results,
+              "guidance": GUIDANCE, "preset": "toy", "dreambooth": DREAMBOOTH, "metrics": results,
               "reconstruction_psnr": metrics.psnr(images["source"][0], src.image),
               "seconds": {"dreambooth": round(trained - started, 1),
                           "inversion": round(inverted - trained, 1),

@@ -154,8 +154,15 @@ MUTANTS = [
     m("swap runs without its control (no swaps, no blend)", "photoswap/swap.py",
       "ctrl, progress=progress, callback=ctrl.callback)",
       "None, progress=progress, callback=None)",
-      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_better_than_none",
+      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_and_layout_better_than_none",
       "tests/test_swap_runner.py::test_recorder_changes_nothing_and_draws"),
+    m("local blend never applied", "photoswap/control.py",
+      "mask = self.mask(x, step)", "mask = None",
+      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_and_layout_better_than_none"),
+    m("phi (self-attention output) never taken", "photoswap/control.py",
+      "phi = self._rows(b, s.phi.half) if self._on(s.phi, site) else ([], [])",
+      "phi = ([], [])",
+      "tests/test_toy_swap.py::test_photoswap_keeps_the_background_and_layout_better_than_none"),
 ]
 
 
