@@ -57,7 +57,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", choices=METHODS, default="photoswap",
                    help="p2p: prompt-to-prompt (A and self maps, no phi); none: the target prompt "
                    "from the same noise")
-    p.add_argument("--preset", choices=SWAP_PRESETS, default="paper")
+    p.add_argument("--preset", choices=SWAP_PRESETS, default="paper",
+                   help="the swaps' windows, layers and blend: paper (Gu et al. 2023), official "
+                   "(the authors' notebook), toy (for the 64 px toy model; photoswap/control.py)")
     for name, what in (("phi", "self-attention output"), ("m", "self-attention map"),
                        ("a", "cross-attention map")):
         p.add_argument(f"--{name}", type=float, metavar="F",

@@ -4,8 +4,9 @@ Each concept is a subject of a shape pretraining knows (its class word) drawn in
 pretraining scene is: white polka dots, two-tone stripes in a colour outside the eight named ones
 (pink), a notch cut out of a ring. The notched ring is orange, a named colour: the toy VAE, trained
 on the named colours only, decodes teal (its first colour) as purple (its references at 17-18 dB,
-mean teal (1, 148, 152) -> (109, 54, 155)), so DreamBooth could learn its notch, not its paint. Its reference images vary pose, size, position and background; they are
-drawn from fixed seeds of their own, so they are the same on every machine.
+mean teal (1, 148, 152) -> (109, 54, 155)), so DreamBooth could learn its notch, not its paint. Its
+reference images vary pose, size, position and background; they are drawn from fixed seeds of their
+own, so they are the same on every machine.
 """
 
 from dataclasses import replace
