@@ -1,0 +1,83 @@
+"""How the `toy` swap preset was chosen (photoswap/control.py): swap settings side by side on
+held-out toy scenes that the benchmark (EVAL.md, scenes 0-3) does not use.
+
+    python -m bench.swap_presets                     # scenes 4-11 x the three concepts
+    python -m bench.swap_presets --first 12 --count 8
+
+For each concept (DreamBooth'd and cached as `make swap` does) the scenes are null-text inverted
+once; every setting then swaps all of them from those inversions (photoswap/toy.py `swaps`) and
+is scored as EVAL.md scores (photoswap/metrics.py): mean background PSNR (capped at 60 dB),
+layout IoU and concept fidelity over scenes x concepts. About 2 minutes per concept for the
+inversions and 20 s per setting on 2 CPU threads.
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from photoswap import metrics, toy
+from photoswap.control import PRESETS, Settings, no_swap, p2p
+from photoswap.evaluate import mean
+from train import concepts
+
+
+def with_a(s: Settings, window: float) -> Settings:
+    return replace(s, a=replace(s.a, window=window))
+
+
+def candidates() -> dict[str, Settings]:
+    """The settings compared. The paper's and the official presets read the toy's 8x8 maps for
+    local blend (their own quarter-side maps are its 4x4 mid block), at their threshold 0.3."""
+    toy_blend = {"blend_level": PRESETS["toy"].blend_level}
+    t = PRESETS["toy"]
+    return {"none": no_swap(t), "p2p (toy blend)": p2p(t),
+            "paper": replace(PRESETS["paper"], **toy_blend),
+            "official": replace(PRESETS["official"], **toy_blend),
+            "toy, A 0.6": with_a(t, 0.6), "toy, A 0.8": with_a(t, 0.8), "toy (A 1.0)": t,
+            "toy, blend threshold 0.3": replace(t, blend_threshold=0.3),
+            "toy without local blend": replace(t, blend_start=None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.swap_presets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
+    p.add_argument("--first", type=int, default=4, help="first held-out scene (4)")
+    p.add_argument("--count", type=int, default=8, help="scenes (8)")
+    p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
+    args = p.parse_args(argv)
+    if message := toy.missing(args.weights):
+        print(message, file=sys.stderr)
+        return 1
+    if args.first < 0 or args.count < 1:
+        print("error: give --first 0 or more and --count 1 or more", file=sys.stderr)
+        return 1
+    started = time.time()
+    srcs = [toy.source(i) for i in range(args.first, args.first + args.count)]
+    work = []  # per concept: (pipe, inversions, target words, reference statistics)
+    for name in sorted(concepts.CONCEPTS):
+        pipe = toy.load(toy.concept_model(name, args.weights, args.cache))
+        words = [toy.target_prompt(s, name)[1] for s in srcs]
+        stats = metrics.concept_stats(concepts.references(name))
+        work.append((pipe, [toy.invert_source(pipe, s) for s in srcs], words, stats))
+        print(f"{name}: inverted {len(srcs)} scenes", file=sys.stderr)
+    print(f"scenes {args.first}-{args.first + args.count - 1} x {len(work)} concepts")
+    print(f"{'setting':28s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s}")
+    for label, settings in candidates().items():
+        rows = []
+        for pipe, invs, words, stats in work:
+            images = toy.swaps(pipe, srcs, invs, words, ("photoswap",), base=settings)
+            rows += [toy.score(a, s, stats) for a, s in zip(images["photoswap"], srcs)]
+        v = mean(rows)
+        print(f"{label:28s} {v['background_psnr']:8.2f} {v['layout_iou']:6.3f} "
+              f"{v['fidelity']:8.3f}", flush=True)
+    print(f"{time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
