@@ -17,8 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from photoswap import metrics, toy
 from photoswap.control import PRESETS, Settings, no_swap, p2p
 from photoswap.evaluate import mean
@@ -32,11 +30,10 @@ def with_a(s: Settings, window: float) -> Settings:
 def candidates() -> dict[str, Settings]:
     """The settings compared. The paper's and the official presets read the toy's 8x8 maps for
     local blend (their own quarter-side maps are its 4x4 mid block), at their threshold 0.3."""
-    toy_blend = {"blend_level": PRESETS["toy"].blend_level}
     t = PRESETS["toy"]
     return {"none": no_swap(t), "p2p (toy blend)": p2p(t),
-            "paper": replace(PRESETS["paper"], **toy_blend),
-            "official": replace(PRESETS["official"], **toy_blend),
+            "paper": replace(PRESETS["paper"], blend_level=t.blend_level),
+            "official": replace(PRESETS["official"], blend_level=t.blend_level),
             "toy, A 0.6": with_a(t, 0.6), "toy, A 0.8": with_a(t, 0.8), "toy (A 1.0)": t,
             "toy, blend threshold 0.3": replace(t, blend_threshold=0.3),
             "toy without local blend": replace(t, blend_start=None)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sd.config import DTYPE_NAMES, PRESETS
 
-SWAP_PRESETS = ("paper", "official", "toy")  # photoswap.control.PRESETS, listed without importing torch
+SWAP_PRESETS = ("paper", "official", "toy")  # control.PRESETS' keys, listed without importing torch
 METHODS = ("photoswap", "p2p", "none")  # photoswap.swap.METHODS
 
 EPILOG = """examples:

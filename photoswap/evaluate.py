@@ -46,8 +46,8 @@ KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
 
 
 def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float],
-                    count: int = SAMPLES,
-                    steps: int = toy.STEPS, guidance: float = toy.GUIDANCE) -> float:
+                    count: int = SAMPLES, steps: int = toy.STEPS,
+                    guidance: float = toy.GUIDANCE) -> float:
     """Mean concept fidelity of `count` samples of "a photo of sks <class>" (one generator,
     seeded 0, draws their noise)."""
     images = pipe([concepts.prompt(name)] * count, steps=steps, guidance=guidance, seed=0)

@@ -4,13 +4,13 @@
     python -m photoswap.toy --concept striped-heart --scene 3 -o out/toy/swap
 
 Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>") into
-out/toy/concepts/<name>/model, cached with the recipe and a digest of the base weights; draw
-held-out scene --scene (train/scenes.py's test split, one subject); null-text invert it with the
-concept model (as the official code does); swap its subject ("a red circle" -> "a sks star") with
-`photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the inversion; score
-each output (photoswap/metrics.py): background PSNR against the background render, layout IoU
-against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap | p2p | none,
-then the references) and metrics.json to -o, and prints the metrics.
+out/toy/concepts/<name>/model, cached with the recipe and digests of the base weights and the
+reference images; draw held-out scene --scene (train/scenes.py's test split, one subject); null-text
+invert it with the concept model (as the official code does); swap its subject ("a red circle" -> "a
+sks star") with `photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the
+inversion; score each output (photoswap/metrics.py): background PSNR against the background render,
+layout IoU against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap |
+p2p | none, then the references) and metrics.json to -o, and prints the metrics.
 """
 
 import argparse
