@@ -31,7 +31,7 @@ weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights
 	$(BIN)/python weights/fetch.py $(MODEL)
 
 # Photoswap. On the toy model (a folder whose MODEL says preset=toy; weights/toy by default):
-# python -m photoswap.toy: DreamBooth on TOY_CONCEPT (cached in out/toy/concepts), held-out scene
+# python -m toy.swap: DreamBooth on TOY_CONCEPT (cached in out/toy/concepts), held-out scene
 # SCENE, its null-text inversion, photoswap / p2p / none, grid and metrics into out/swap. On any
 # other model: python -m photoswap with a word swap (SWAP_PROMPT, SUBJECT, CONCEPT).
 SWAP_WEIGHTS ?= weights/toy
@@ -53,7 +53,7 @@ toy-weights:
 	       "SWAP_ARGS='--embeds FILE')." >&2; \
 	  exit 1; }
 
-TOY_SWAP = $(BIN)/python -m photoswap.toy --weights "$(SWAP_WEIGHTS)" --concept $(TOY_CONCEPT) \
+TOY_SWAP = $(BIN)/python -m toy.swap --weights "$(SWAP_WEIGHTS)" --concept $(TOY_CONCEPT) \
   --scene $(SCENE) -o out/swap $(SWAP_ARGS)
 swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metrics or settings)
 	@if grep -qs '^preset=toy' "$(SWAP_WEIGHTS)/MODEL"; then echo '$(TOY_SWAP)'; $(TOY_SWAP); \
@@ -63,7 +63,7 @@ swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metri
 
 EVAL_SCENES ?= 4
 eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~10 CPU min)
-	$(BIN)/python -m photoswap.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES)
+	$(BIN)/python -m toy.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules
@@ -72,8 +72,8 @@ TOYRUN ?= out/toyrun
 # torch threads for make toy: 1 where other work shares the cores (weights/toy/README.md)
 TOY_THREADS ?= 2
 toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (~1.5 h on 2 cores; resumable)
-	$(BIN)/python -m train.judge -o $(TOYRUN)/judge.pt --threads $(TOY_THREADS)
-	$(BIN)/python -m train.pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
+	$(BIN)/python -m toy.judge -o $(TOYRUN)/judge.pt --threads $(TOY_THREADS)
+	$(BIN)/python -m toy.pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

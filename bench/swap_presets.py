@@ -5,8 +5,8 @@ held-out toy scenes that the benchmark (EVAL.md, scenes 0-3) does not use.
     python -m bench.swap_presets --first 12 --count 8
 
 For each concept (DreamBooth'd and cached as `make swap` does) the scenes are null-text inverted
-once; every setting then swaps all of them from those inversions (photoswap/toy.py `swaps`) and
-is scored as EVAL.md scores (photoswap/metrics.py): mean background PSNR (capped at 60 dB),
+once; every setting then swaps all of them from those inversions (toy/swap.py `swaps`) and
+is scored as EVAL.md scores (toy/metrics.py): mean background PSNR (capped at 60 dB),
 layout IoU and concept fidelity over scenes x concepts. About 2 minutes per concept for the
 inversions and 20 s per setting on 2 CPU threads.
 """
@@ -17,10 +17,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from photoswap import metrics, toy
 from photoswap.control import PRESETS, Settings, no_swap, p2p
-from photoswap.evaluate import mean
-from train import concepts
+from toy import concepts, metrics
+from toy import swap as toy
+from toy.evaluate import mean
 
 
 def with_a(s: Settings, window: float) -> Settings:

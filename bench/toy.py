@@ -3,8 +3,8 @@
     python -m bench.toy                      # weights/toy: adherence and inversion
     python -m bench.toy --weights DIR --samples 96 --scenes 16 --guidance 7.5
 
-Adherence (train.judge.adherence): one held-out single-subject caption per sample ("a photo of
-a red circle on a blue striped background", train/scenes.py's test split), read by the judge
+Adherence (toy.judge.adherence): one held-out single-subject caption per sample ("a photo of
+a red circle on a blue striped background", toy/scenes.py's test split), read by the judge
 (weights/toy/judge.safetensors); the share of samples whose shape, and whose colour, is the
 caption's. Chance is 1/6 for shape and 1/8 for colour.
 
@@ -26,8 +26,8 @@ from PIL import Image
 
 from sd.config import TOY
 from sd.pipeline import Pipeline
-from train import judge as judgelib
-from train import scenes
+from toy import judge as judgelib
+from toy import scenes
 from train.inversion import ddim_inversion, invert, psnr, reconstruct
 
 

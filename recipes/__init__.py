@@ -6,7 +6,7 @@
 - `recipes.correspondence`: unsupervised semantic correspondence (Hedlin et al., NeurIPS 2023);
 - `recipes.cds`: Delta and Contrastive Denoising Score editing (Hertz et al. 2023; Nam et al.,
   CVPR 2024);
-- `recipes.toy`: the toy world as their benchmark (scenes, keypoints, pairs).
+- `toy.heldout`: the toy world as their benchmark (scenes, keypoints, pairs).
 Below: the command-line options and model loading the recipes share. Nothing here imports torch
 at import time, so every recipe's --help answers before torch loads.
 """

@@ -97,10 +97,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from recipes import toy  # noqa: E402
 from sd import ddim  # noqa: E402
 from sd.attention import Control, attention  # noqa: E402
 from sd.pipeline import Pipeline, rows  # noqa: E402
+from toy import heldout  # noqa: E402
 
 
 class SelfFeatures(Control):
@@ -201,13 +201,13 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
     [photo, exact edit, DDS, CDS] in [0, 1] for a picture."""
     from dataclasses import replace
 
-    world, results, shown = toy.world(), {}, []
-    for n, scene in enumerate(toy.scenes(scenes)):
+    world, results, shown = heldout.world, {}, []
+    for n, scene in enumerate(heldout.scenes(scenes)):
         subject = scene.subjects[0]
         colours = [c for c in world.COLOURS if c not in (subject.colour, scene.background)]
         edited = replace(scene, subjects=(replace(subject, colour=colours[n % len(colours)]),))
         photo, masks, _ = world.render(scene)
-        photo, ideal = toy.image(photo), toy.image(world.render(edited)[0])
+        photo, ideal = heldout.image(photo), heldout.image(world.render(edited)[0])
         mask = torch.from_numpy(masks[0])
         near = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0] > 0  # dilated by 2 px
         z = pipe.models.vae.encode(photo.to(pipe.device, pipe.dtype) * 2 - 1).mean
@@ -238,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     s, output = args.settings, args.output or Path("out.png")
     try:  # what the user gave is checked before the model loads
         image_format(output)
-        if args.toy is not None:
-            toy.world()
-        else:
+        if args.toy is None:
             load_image(args.image, 64, 64)
         pipe = load(args)
         if args.toy is not None:

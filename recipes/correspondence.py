@@ -92,10 +92,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from recipes import toy  # noqa: E402
 from sd import ddim  # noqa: E402
 from sd.attention import Control, apply_map, attention, attention_map  # noqa: E402
 from sd.pipeline import Pipeline  # noqa: E402
+from toy import heldout  # noqa: E402
 
 Gens = list[torch.Generator]  # one per embedding: its crops and noise do not depend on the batch
 
@@ -252,10 +252,10 @@ def evaluate_toy(pipe: Pipeline, pairs: int = 30, alpha: float = 0.1, s: Setting
     """PCK@alpha (reference: the image side) over the keypoints of `pairs` held-out toy pairs,
     beside chance and copying the source point; and per pair (source, target, queries, answers,
     truth, the first point's map) for a picture."""
-    render, preds, trues, copies, shown = toy.world().render, [], [], [], []
-    for n, (src, tgt) in enumerate(toy.pairs(pairs)):
-        source, target = toy.image(render(src)[0]), toy.image(render(tgt)[0])
-        query, true = toy.keypoints(src.subjects[0]), toy.keypoints(tgt.subjects[0])
+    render, preds, trues, copies, shown = heldout.world.render, [], [], [], []
+    for n, (src, tgt) in enumerate(heldout.pairs(pairs)):
+        source, target = heldout.image(render(src)[0]), heldout.image(render(tgt)[0])
+        query, true = heldout.keypoints(src.subjects[0]), heldout.keypoints(tgt.subjects[0])
         found, heat = correspond(pipe, source, target, query, s, seed + 1000 * n, batch)
         preds, trues, copies = preds + [found], trues + [true], copies + [query]
         shown.append((source, target, query, found, true, heat[0]))
@@ -309,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
                 raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
                                  f"square of the {w}x{h} source image")
-        else:
-            toy.world()
         pipe = load(args)
         side = pipe.cfg.resolution
         if args.toy is not None:

@@ -48,9 +48,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from recipes import toy  # noqa: E402
 from sd import ddim  # noqa: E402
 from sd.pipeline import HeatMap, Pipeline  # noqa: E402
+from toy import heldout  # noqa: E402
 
 
 @torch.no_grad()
@@ -85,8 +85,8 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: fl
     """Mean IoU of the subject word's mask (the shape's name; DAAM's tau) with the exact subject
     mask over held-out one-subject toy scenes, and of a centred blob with the same masks; and per
     scene (photo [3, H, W] in [0, 1], normalised map [H, W], exact mask) for a picture."""
-    world, scores, blobs, shown = toy.world(), [], [], []
-    for i, scene in enumerate(toy.scenes(scenes)):
+    world, scores, blobs, shown = heldout.world, [], [], []
+    for i, scene in enumerate(heldout.scenes(scenes)):
         photo, masks, _ = world.render(scene)
         truth = torch.from_numpy(masks[0])
         z = pipe.encode(Image.fromarray(photo), *photo.shape[:2])
@@ -97,7 +97,7 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: fl
         up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-8)
         scores.append(iou(up >= threshold, truth))
         blobs.append(iou(centred_blob(*truth.shape, threshold), truth))
-        shown.append((toy.image(photo)[0], up.clamp(0, 1), truth))
+        shown.append((heldout.image(photo)[0], up.clamp(0, 1), truth))
     return {"mean iou": sum(scores) / scenes, "centred blob iou": sum(blobs) / scenes}, shown
 
 
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output:
             image_format(args.output)
-        toy.world()
         pipe = load(args)
         r, shown = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
                                 args.seed)

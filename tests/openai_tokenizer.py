@@ -5,7 +5,6 @@ import html
 import unicodedata
 
 import regex
-
 from conftest import openai_bytes_to_unicode, openai_vocab
 
 MAX_LEN = 77

@@ -2,7 +2,6 @@
 
 from dataclasses import replace
 
-import pytest
 import torch
 from conftest import ROOT, run_python
 from PIL import Image
@@ -112,7 +111,6 @@ def test_cli_end_to_end_on_tiny(tmp_path):
 
 
 def test_toy_evaluation_and_picture(pipe, tmp_path):
-    pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
     from recipes.cds import evaluate_toy
 
     result, shown = evaluate_toy(pipe, 1, replace(Settings(), iterations=1))

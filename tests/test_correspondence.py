@@ -1,5 +1,5 @@
 """recipes.correspondence (Hedlin et al. 2023) on the tiny random model; the toy-world parts when
-train/scenes.py is present."""
+toy/scenes.py is present."""
 
 
 import math
@@ -144,8 +144,8 @@ def test_cli_end_to_end_on_tiny(tmp_path):
 
 
 def test_toy_keypoints_and_pairs():
-    scenes = pytest.importorskip("train.scenes", reason="the toy world (train/scenes.py)")
-    from recipes.toy import keypoints, pairs
+    from toy import scenes
+    from toy.heldout import keypoints, pairs
 
     found = pairs(12)
     assert len(found) == 12 and len({a.subjects[0].shape for a, _ in found}) == 6

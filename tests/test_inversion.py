@@ -152,9 +152,8 @@ def test_matches_the_notebook(tiny, hf_tokenizer):
     reference's. Per UNet call the two sides differ by 0 to ~1e-7 relative, which Adam's
     normalised steps amplify on coordinates whose gradient is near zero, so the embeddings get a
     tolerance of a tenth of one Adam step (lr 1e-2); the reconstructions must agree closely."""
-    from diffusers import DDIMScheduler
-
     from conftest import reference_text, reference_unet
+    from diffusers import DDIMScheduler
 
     pipe, z0 = pipeline(tiny, "v"), source_latent()
     s = pipe.cfg.schedule

@@ -5,8 +5,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from train import concepts, scenes
-from train.scenes import COLOURS, HELD_OUT, PATTERNS, SHAPES, render
+from toy import concepts, scenes
+from toy.scenes import COLOURS, HELD_OUT, PATTERNS, SHAPES, render
 
 
 def test_same_seed_same_scene_and_pixels():

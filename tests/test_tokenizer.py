@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import DATA, openai_vocab
 from openai_tokenizer import FTFY_CHANGES, OpenAITokenizer
 

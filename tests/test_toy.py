@@ -13,7 +13,8 @@ from sd import ddim
 from sd.config import TOY, preset
 from sd.pipeline import Pipeline
 from sd.weights import build
-from train import UsageError, judge, pretrain, toydata
+from toy import data as toydata
+from toy import judge, pretrain
 from train.checkpoints import save
 from train.loop import EMA, Run, Settings, fit, lr_at
 
@@ -155,9 +156,9 @@ def test_committed_judge_reads_held_out_scenes():
     assert shape_acc >= 0.95 and colour_acc >= 0.95, (shape_acc, colour_acc)
 
 
-def test_export_reads_fit_checkpoints_and_the_earlier_loops(tmp_path):
-    """A run folder with a VAE and a UNet stage checkpointed by fit, or by the loop before it
-    (unet/checkpoint.pt with an "ema" entry): export writes the EMA, and Pipeline.load reads it."""
+def test_export_reads_fit_checkpoints(tmp_path):
+    """A run folder with a VAE and a UNet stage checkpointed by fit: export writes the EMA, not
+    the live weights, and Pipeline.load reads it."""
     torch.manual_seed(0)
     vae, model = build(TOY).vae, pretrain.Denoiser(TOY)
     torch.save(vae.state_dict(), tmp_path / "vae.pt")
@@ -166,15 +167,9 @@ def test_export_reads_fit_checkpoints_and_the_earlier_loops(tmp_path):
     with torch.no_grad():
         ema.module.unet.conv_in.bias.fill_(0.25)  # so exporting the live weights would show
     (tmp_path / "unet").mkdir()
-    torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "step": 5},
-               tmp_path / "unet" / pretrain.LEGACY)
-    with pytest.raises(UsageError, match="earlier training loop"):
-        pretrain.stage_settings(tmp_path / "unet", pretrain.UNET_RECIPE, 0, False)
-    old = pretrain.export(tmp_path, tmp_path / "old")
-    assert old["bytes"] < 30e6
     save(tmp_path / "unet", 5, ema.save, {"step": 5})  # fit's layout: checkpoint-5/ema.safetensors
-    pretrain.export(tmp_path, tmp_path / "new")
-    for folder in ("old", "new"):
+    assert pretrain.export(tmp_path, tmp_path / "new")["bytes"] < 30e6
+    for folder in ("new",):
         pipe = Pipeline.load(preset("toy"), tmp_path / folder, "cpu", torch.float32)
         assert torch.equal(pipe.models.unet.conv_in.bias, torch.full_like(model.unet.conv_in.bias,
                                                                           0.25))

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_parity
 from PIL import Image
 
-from conftest import assert_parity
 from sd.config import TOY
 from sd.pipeline import Pipeline
-from train import concepts, scenes
+from toy import concepts, scenes
 from train.inversion import ddim_inversion, invert, psnr, reconstruct
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
@@ -63,8 +63,9 @@ def test_null_text_inversion_redraws_a_held_out_scene(pipe):
 
 
 def test_dreambooth_teaches_a_concept(pipe, tmp_path):
-    from photoswap import metrics, toy  # noqa: PLC0415
-    from photoswap.evaluate import sample_fidelity  # noqa: PLC0415
+    from toy import metrics  # noqa: PLC0415
+    from toy import swap as toy  # noqa: PLC0415
+    from toy.evaluate import sample_fidelity  # noqa: PLC0415
 
     name = "dotted-star"
     stats = metrics.concept_stats(concepts.references(name))

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from photoswap import metrics
-from train import concepts, scenes
+from toy import concepts, metrics, scenes
 
 WEIGHTS = Path(os.environ.get("TOY_WEIGHTS", "weights/toy"))
 
@@ -99,7 +98,7 @@ def toy_swaps():
     import torch  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    from photoswap import toy  # noqa: PLC0415
+    from toy import swap as toy  # noqa: PLC0415
     from train.inversion import invert  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -141,7 +140,8 @@ def test_photoswap_keeps_the_background_and_layout_better_than_none(toy_swaps):
 
 
 def test_without_a_toy_model_make_swap_says_what_to_provide(capsys):
-    from photoswap import evaluate, toy  # noqa: PLC0415
+    from toy import evaluate
+    from toy import swap as toy  # noqa: PLC0415
 
     for main in (toy.main, evaluate.main):
         assert main(["--weights", "no/such/folder"]) == 1
@@ -153,7 +153,7 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     if not (WEIGHTS / "unet").is_dir():
         pytest.skip(f"no trained toy model at {WEIGHTS} (no unet/): train it (make toy) or set "
                     "TOY_WEIGHTS to a toy model folder")
-    from photoswap import toy  # noqa: PLC0415
+    from toy import swap as toy  # noqa: PLC0415
 
     monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "steps": 1, "batch_size": 1})
     model = toy.concept_model("notched-ring", WEIGHTS, tmp_path)
@@ -166,7 +166,7 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     made = (model / "unet").stat().st_mtime_ns
     from dataclasses import replace  # noqa: PLC0415
 
-    from train import concepts  # noqa: PLC0415
+    from toy import concepts  # noqa: PLC0415
 
     word, subject = concepts.CONCEPTS["notched-ring"]  # new reference pictures: trained again
     monkeypatch.setitem(concepts.CONCEPTS, "notched-ring", (word, replace(subject, colour="red")))
@@ -177,6 +177,6 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
 def test_metrics_json_holds_an_exact_background_as_null():
     import json  # noqa: PLC0415
 
-    from photoswap.toy import to_json  # noqa: PLC0415
+    from toy.swap import to_json  # noqa: PLC0415
 
     assert json.loads(to_json({"psnr": [math.inf, 31.5]})) == {"psnr": [None, 31.5]}

@@ -67,10 +67,12 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_single_file_matches_diffusers_converter(tmp_path):
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint,
-                                                     convert_open_clip_checkpoint)
     from conftest import reference_text
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     cfg = SD21_NAMES
     sds = random_sds(cfg)

@@ -4,7 +4,7 @@ loss, the learning-rate schedule and the optimizer step.
 DreamBooth (train/finetune.py) and textual inversion (train/embedding.py) both teach SD a concept
 from a handful of images with the LDM training loss; they differ only in which parameters learn,
 the text paired with each image, and what they export. The toy model's pretraining
-(train/pretrain.py) trains a VAE, then text encoder + UNet, from scratch. `fit` is what they
+(toy/pretrain.py) trains a VAE, then text encoder + UNet, from scratch. `fit` is what they
 share: gradient accumulation, autocast and the fp16 GradScaler, clipping, AdamW with a constant or
 cosine schedule, an optional EMA, checkpoints and resuming, validation images, an evaluation
 callback with its CSV log, and the DDP barriers; each trainer hands it a loss function and its own

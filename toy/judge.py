@@ -6,7 +6,7 @@ the caption in at least 80% of samples for each attribute"). Trained on the gene
 decoded VAE outputs too; its accuracy on held-out scenes is reported next to every adherence
 figure, since a judge's errors bound what it can certify.
 
-    python -m train.judge -o /work/toyrun/judge.pt          # train (a few CPU minutes), report
+    python -m toy.judge -o out/toyrun/judge.pt          # train (a few CPU minutes), report
 """
 
 import argparse
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from train import scenes
+from toy import scenes
 
 SHAPES, COLOURS = scenes.SHAPES, list(scenes.COLOURS)
 

@@ -1,8 +1,8 @@
 """Pretraining of the toy model (sd.config.TOY) on the toy world: the VAE, then text encoder + UNet.
 
-    python -m train.pretrain vae  --run /work/toyrun            # stage 1 (resumes if interrupted)
-    python -m train.pretrain unet --run /work/toyrun            # stage 2, on stage 1's VAE
-    python -m train.pretrain export --run /work/toyrun -o weights/toy
+    python -m toy.pretrain vae  --run out/toyrun            # stage 1 (resumes if interrupted)
+    python -m toy.pretrain unet --run out/toyrun            # stage 2, on stage 1's VAE
+    python -m toy.pretrain export --run out/toyrun -o weights/toy
 
 Each stage is (a model, its loss, an evaluation) run by `train.loop.fit`, the trainers' shared
 loop: AdamW with warmup and cosine decay, an EMA for the UNet stage, checkpoints in
@@ -32,23 +32,17 @@ from sd.tokenizer import Tokenizer
 from sd.unet import UNet
 from sd.vae import VAE
 from sd.weights import Models
-from train import UsageError, checkpoints, scenes, toydata
-from train import judge as judgelib
+from toy import data as toydata
+from toy import judge as judgelib
+from train import UsageError, checkpoints
 from train.checkpoints import save_weights
 from train.loop import EMA, Run, Settings, fit
 
 # ------------------------------------------------------------------------------- the stages
 
-LEGACY = "checkpoint.pt"  # what train/toyloop.py, the loop before fit, saved in a stage folder
-
-
 def stage_settings(out: Path, r: dict, seed: int, progress: bool) -> Settings:
     """A recipe as fit's settings: cosine decay to 2% (final_lr), no clipping; checkpoint and
     evaluate every r["every"] steps; rerunning a stage resumes from its newest checkpoint."""
-    if (out / LEGACY).is_file() and not (out / "latest").is_file():
-        raise UsageError(f"{out / LEGACY} was written by the earlier training loop, which this "
-                         f"one does not resume: export it (python -m train.pretrain export), or "
-                         f"move {out} away to train this stage afresh")
     return Settings(out, r["steps"], r["lr"], warmup_steps=r["warmup"], schedule="cosine",
                     weight_decay=r["weight_decay"], max_grad_norm=0.0,
                     checkpoint_every=r["every"], keep=2, validate_every=r["every"],
@@ -71,12 +65,10 @@ def stage(s: Settings, model: nn.Module, loss: Callable[[nn.Module, torch.Genera
 
 
 def ema_weights(out: Path) -> dict:
-    """The EMA weights of a stage's newest checkpoint, in fit's format or the earlier loop's."""
+    """The EMA weights of a stage's newest checkpoint."""
     if (out / "latest").is_file():
         return load_file(checkpoints.find(out, "latest") / EMA.FILE)
-    if (out / LEGACY).is_file():
-        return torch.load(out / LEGACY, map_location="cpu", weights_only=True)["ema"]
-    raise UsageError(f"no checkpoint in {out}: train it first (python -m train.pretrain unet)")
+    raise UsageError(f"no checkpoint in {out}: train it first (python -m toy.pretrain unet)")
 
 
 # ---------------------------------------------------------------------------------- the VAE
@@ -200,7 +192,7 @@ def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) 
 
 def need_vae(run_dir: Path) -> None:
     if not ((run_dir / "vae.json").is_file() and (run_dir / "vae.pt").is_file()):
-        raise UsageError(f"no trained VAE in {run_dir}: python -m train.pretrain vae --run ...")
+        raise UsageError(f"no trained VAE in {run_dir}: python -m toy.pretrain vae --run ...")
 
 
 class Denoiser(nn.Module):
@@ -248,7 +240,7 @@ def text_gain(model: Denoiser, data: dict, cfg: ModelConfig, ac: torch.Tensor) -
 
 @torch.no_grad()
 def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, grid_file: Path) -> dict:
-    """The judge's reading of samples of held-out captions (train.judge.adherence), and a grid
+    """The judge's reading of samples of held-out captions (toy.judge.adherence), and a grid
     of the first 48 of them (4 rows of 12) saved to grid_file."""
     model.eval()
     figures, images = judgelib.adherence(Pipeline(Models(model.text_encoder, vae, model.unet),
@@ -285,7 +277,7 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
         row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
                "colour_ok": float("nan")}
         if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
-            judge = judgelib.load(run_dir / "judge.pt")  # train.judge may finish after we start
+            judge = judgelib.load(run_dir / "judge.pt")  # toy.judge may finish after we start
             row.update(adherence(model, vae, cfg, judge, grid_file=s.out / f"grid-{step}.png"))
         return row
 
@@ -296,7 +288,7 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["vae", "unet", "export", "all"])
-    p.add_argument("--run", type=Path, default=Path("/work/toyrun"), help="checkpoints, logs")
+    p.add_argument("--run", type=Path, default=Path("out/toyrun"), help="checkpoints, logs")
     p.add_argument("-o", "--out", type=Path, default=Path("weights/toy"), help="export folder")
     p.add_argument("--seed", type=int, default=0)
     # One thread: on two shared cores two threads measured 3-5x slower per step (oversubscribed).

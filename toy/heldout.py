@@ -1,27 +1,18 @@
-"""The toy world (train/scenes.py) as the recipes' benchmark: held-out one-subject scenes, their
-images as tensors, keypoints defined on a subject, and scene pairs for correspondence. The scene
-generator belongs to train/; what only the recipes' evaluations need lives here."""
+"""The toy world as the recipes' benchmark: held-out one-subject scenes, their images as
+tensors, keypoints defined on a subject, and scene pairs for correspondence."""
 
 import math
 
 import torch
 
-
-def world():
-    """train.scenes, the toy world's scene generator, or a ValueError that says it is missing."""
-    try:
-        from train import scenes
-    except ImportError as e:
-        raise ValueError("--toy needs the toy world's scene generator, train/scenes.py, which "
-                         "this checkout does not have") from e
-    return scenes
+from toy import scenes as world
 
 
 def scenes(count: int) -> list:
     """The first `count` held-out toy scenes with one subject (every --toy evaluation's set)."""
-    w, found, i = world(), [], 0
+    found, i = [], 0
     while len(found) < count:
-        scene, i = w.test_scene(i, two=0.0), i + 1
+        scene, i = world.test_scene(i, two=0.0), i + 1
         if len(scene.subjects) == 1:
             found.append(scene)
     return found
@@ -34,8 +25,8 @@ def image(array) -> torch.Tensor:
 
 def keypoints(subject) -> torch.Tensor:
     """[K, 2] pixel points defined on a subject: the centre (mean of its outline), the tips of
-    triangles, squares and stars and a heart's bottom, placed as train/scenes.py draws them."""
-    poly = torch.tensor(world().outline(subject.shape)[0], dtype=torch.float32)
+    triangles, squares and stars and a heart's bottom, placed as toy/scenes.py draws them."""
+    poly = torch.tensor(world.outline(subject.shape)[0], dtype=torch.float32)
     n = len(poly)  # a heart's outline is parametric in t; its bottom tip is at t = pi
     tips = {"triangle": poly, "square": poly, "star": poly[::2],
             "heart": poly[n // 2:n // 2 + 1]}.get(subject.shape, poly[:0])
@@ -48,9 +39,9 @@ def keypoints(subject) -> torch.Tensor:
 def pairs(count: int) -> list[tuple]:
     """Held-out one-subject scenes paired with the next of the same shape and another colour
     (so places, sizes and colours differ), the six shapes in turn: [(source, target), ...]."""
-    w, waiting, found, i = world(), {}, [], 0
+    waiting, found, i = {}, [], 0
     while len(found) < count:
-        scene, i = w.test_scene(i, two=0.0), i + 1
+        scene, i = world.test_scene(i, two=0.0), i + 1
         shape = scene.subjects[0].shape
         if len(scene.subjects) != 1 or any(shape == a.subjects[0].shape for a, _ in found[-5:]):
             continue  # the last five pairs hold the other shapes: wait for the sixth

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from train import scenes
+from toy import scenes
 
 
 def pool(split: str, count: int, cache: Path | None = None, progress: bool = True):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.scenes import COLOURS, PATTERNS, SIZE, Scene, Subject, render
+from toy.scenes import COLOURS, PATTERNS, SIZE, Scene, Subject, render
 
 # name -> (class word, the concept's subject at unit pose)
 CONCEPTS: dict[str, tuple[str, Subject]] = {

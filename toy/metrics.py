@@ -1,5 +1,5 @@
 """How a swap is scored on the toy world, where every source scene has an exact subject mask and a
-render of its background alone (train/scenes.py). Plain functions of uint8 [H, W, 3] images and
+render of its background alone (toy/scenes.py). Plain functions of uint8 [H, W, 3] images and
 bool [H, W] masks, so they are tested on synthetic arrays (tests/test_toy_swap.py).
 
 - background PSNR: outside the source subject's mask dilated by DILATE pixels (the subject's
@@ -12,7 +12,7 @@ bool [H, W] masks, so they are tested on synthetic arrays (tests/test_toy_swap.p
 - concept fidelity: how much the pixels of a region look like the concept's reference subjects
   (their exact masks), from two statistics, each in [0, 1]:
   colour, the histogram intersection of the named-paint histograms (every pixel counted as the
-  nearest of train.scenes.PAINTS, so a VAE's small colour shifts do not move it across bins);
+  nearest of toy.scenes.PAINTS, so a VAE's small colour shifts do not move it across bins);
   texture, min/max of the mean absolute difference between 4-neighbours inside the region eroded
   by 1 px (polka dots and stripes are busy, flat paint is not; the outline is left out).
   fidelity = (colour + texture) / 2.
@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from train.scenes import PAINTS
+from toy.scenes import PAINTS
 
 DILATE = 3  # pixels: the anti-aliased edge is 1 px, the toy VAE's blur about 2 more
 REGION_THRESHOLD = 48.0  # 0..255: above the VAE's error (30 dB is RMS 8) and a gradient's slope

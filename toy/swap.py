@@ -1,14 +1,14 @@
 """`make swap` on the toy world: the whole method, offline, on a CPU, measured against exact masks.
 
-    python -m photoswap.toy --weights weights/toy              # dotted-star into held-out scene 1
-    python -m photoswap.toy --concept striped-heart --scene 3 -o out/toy/swap
+    python -m toy.swap --weights weights/toy              # dotted-star into held-out scene 1
+    python -m toy.swap --concept striped-heart --scene 3 -o out/toy/swap
 
-Steps: DreamBooth the concept (train/concepts.py: 5 reference images, "a photo of sks <class>") into
+Steps: DreamBooth the concept (toy/concepts.py: 5 reference images, "a photo of sks <class>") into
 out/toy/concepts/<name>/model, cached with the recipe and digests of the base weights and the
-reference images; draw held-out scene --scene (train/scenes.py's test split, one subject); null-text
+reference images; draw held-out scene --scene (toy/scenes.py's test split, one subject); null-text
 invert it with the concept model (as the official code does); swap its subject ("a red circle" -> "a
 sks star") with `photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the
-inversion; score each output (photoswap/metrics.py): background PSNR against the background render,
+inversion; score each output (toy/metrics.py): background PSNR against the background render,
 layout IoU against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap |
 p2p | none, then the references) and metrics.json to -o, and prints the metrics.
 """
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from photoswap import metrics
 from photoswap.control import PRESETS, Settings
 from photoswap.swap import METHODS, Pair, method_settings, replace_words, run
 from photoswap.visual import label
@@ -34,7 +33,7 @@ from sd.config import preset
 from sd.files import atomic_write
 from sd.images import grid, save_image, to_pil
 from sd.pipeline import Pipeline
-from train import concepts, scenes
+from toy import concepts, metrics, scenes
 from train.inversion import Inversion, invert
 
 # DreamBooth on the toy model, chosen by trying on an early checkpoint and looking at samples of
@@ -146,7 +145,7 @@ def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list
 
 
 def score(image: np.ndarray, src: Source, stats: tuple[np.ndarray, float]) -> dict[str, float]:
-    """Background PSNR, layout IoU and concept fidelity of one output (photoswap/metrics.py)."""
+    """Background PSNR, layout IoU and concept fidelity of one output (toy/metrics.py)."""
     region = metrics.subject_region(image, src.background)
     return {"background_psnr": metrics.background_psnr(image, src.background, src.mask),
             "layout_iou": metrics.iou(region, src.mask),
@@ -166,7 +165,7 @@ def to_json(obj) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m photoswap.toy", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m toy.swap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
     p.add_argument("--concept", choices=sorted(concepts.CONCEPTS), default="dotted-star")

@@ -1,13 +1,13 @@
 """The swap benchmark (`make eval-toy`): held-out toy scenes x the three concepts, for photoswap,
 p2p and none, scored against exact masks; and DreamBooth's acceptance. Writes EVAL.md.
 
-    python -m photoswap.evaluate --weights weights/toy              # 4 scenes, ~10 CPU minutes
-    python -m photoswap.evaluate --weights weights/toy --scenes 20  # more
+    python -m toy.evaluate --weights weights/toy              # 4 scenes, ~10 CPU minutes
+    python -m toy.evaluate --weights weights/toy --scenes 20  # more
 
-For each concept (DreamBooth'd and cached as `make swap` does, photoswap/toy.py) and each of the
+For each concept (DreamBooth'd and cached as `make swap` does, toy/swap.py) and each of the
 first --scenes held-out one-subject scenes: null-text inversion with the concept model, then the
-three methods from it (photoswap/toy.py `swaps`: photoswap with the toy preset, p2p and none derived
-from it; and photoswap with the paper's windows), each output scored by photoswap/metrics.py:
+three methods from it (toy/swap.py `swaps`: photoswap with the toy preset, p2p and none derived
+from it; and photoswap with the paper's windows), each output scored by toy/metrics.py:
 background PSNR outside the source mask dilated by 3 px against the background render (capped at
 PSNR_CAP before averaging, since a perfect background is infinite), layout IoU of the region that
 departs from the background render against the source mask, concept fidelity of that region against
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from photoswap import metrics, toy
 from photoswap.swap import METHODS
 from sd.files import atomic_write
 from sd.images import grid, save_image
 from sd.pipeline import Pipeline
-from train import concepts
+from toy import concepts, metrics
+from toy import swap as toyswap
 
 PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
 SAMPLES = 8
@@ -46,8 +46,8 @@ KEYS = ("background_psnr", "layout_iou", "fidelity", "colour", "texture")
 
 
 def sample_fidelity(pipe: Pipeline, name: str, stats: tuple[np.ndarray, float],
-                    count: int = SAMPLES, steps: int = toy.STEPS,
-                    guidance: float = toy.GUIDANCE) -> float:
+                    count: int = SAMPLES, steps: int = toyswap.STEPS,
+                    guidance: float = toyswap.GUIDANCE) -> float:
     """Mean concept fidelity of `count` samples of "a photo of sks <class>" (one generator,
     seeded 0, draws their noise)."""
     images = pipe([concepts.prompt(name)] * count, steps=steps, guidance=guidance, seed=0)
@@ -68,24 +68,24 @@ def evaluate(weights: Path, scenes: int, names: list[str], cache: Path, pictures
              progress: bool = True) -> dict:
     """{"swaps": {method: {concept: [scores per scene]}}, "dreambooth": {concept: {...}}}; the
     outputs go to pictures/<concept>.png, a row per scene: photo, source branch, the methods."""
-    base = toy.load(weights)
-    srcs = [toy.source(i) for i in range(scenes)]
+    base = toyswap.load(weights)
+    srcs = [toyswap.source(i) for i in range(scenes)]
     result: dict = {"swaps": {m: {} for m in ROWS}, "dreambooth": {}}
     for name in names:
         started = time.time()
-        model = toy.concept_model(name, weights, cache, quiet=not progress)
-        pipe = toy.load(model)
+        model = toyswap.concept_model(name, weights, cache, quiet=not progress)
+        pipe = toyswap.load(model)
         stats = metrics.concept_stats(concepts.references(name))
-        invs = [toy.invert_source(pipe, s) for s in srcs]
-        words = [toy.target_prompt(s, name)[1] for s in srcs]
-        images = toy.swaps(pipe, srcs, invs, words)
-        images["paper"] = toy.swaps(pipe, srcs, invs, words, ("photoswap",), base=toy.PAPER)[
+        invs = [toyswap.invert_source(pipe, s) for s in srcs]
+        words = [toyswap.target_prompt(s, name)[1] for s in srcs]
+        images = toyswap.swaps(pipe, srcs, invs, words)
+        images["paper"] = toyswap.swaps(pipe, srcs, invs, words, ("photoswap",), base=toyswap.PAPER)[
             "photoswap"]
         for m in (*METHODS, "paper"):
-            result["swaps"][m][name] = [toy.score(a, s, stats) for a, s in zip(images[m], srcs)]
-        result["swaps"]["reconstruction"][name] = [toy.score(a, s, stats)
+            result["swaps"][m][name] = [toyswap.score(a, s, stats) for a, s in zip(images[m], srcs)]
+        result["swaps"]["reconstruction"][name] = [toyswap.score(a, s, stats)
                                                    for a, s in zip(images["source"], srcs)]
-        result["swaps"]["photo"][name] = [toy.score(s.image, s, stats) for s in srcs]
+        result["swaps"]["photo"][name] = [toyswap.score(s.image, s, stats) for s in srcs]
         cells = [[Image.fromarray(a) for a in (s.image, images["source"][i],
                                                *(images[m][i] for m in METHODS))]
                  for i, s in enumerate(srcs)]
@@ -102,10 +102,10 @@ def table(result: dict, command: str, weights: Path, scenes: int, seconds: float
     """EVAL.md: the swap table (means over scenes x concepts), then DreamBooth's acceptance."""
     lines = ["# Swap benchmark on the toy world", "",
              f"Made by `{command}` with the weights in `{weights}`, {scenes} held-out scenes x "
-             f"{len(result['dreambooth'])} concepts, {toy.STEPS} DDIM steps, guidance "
-             f"{toy.GUIDANCE}, null-text inversion with each concept's DreamBooth'd model, "
+             f"{len(result['dreambooth'])} concepts, {toyswap.STEPS} DDIM steps, guidance "
+             f"{toyswap.GUIDANCE}, null-text inversion with each concept's DreamBooth'd model, "
              f"in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s). "
-             "How each number is computed: photoswap/metrics.py and photoswap/evaluate.py.", "",
+             "How each number is computed: toy/metrics.py and toy/evaluate.py.", "",
              "| method | background PSNR (dB) | layout IoU | concept fidelity | colour | texture |",
              "|---|---|---|---|---|---|"]
     for m in ROWS:
@@ -125,7 +125,7 @@ def table(result: dict, command: str, weights: Path, scenes: int, seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m photoswap.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m toy.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
     p.add_argument("--scenes", type=int, default=4, help="held-out scenes per concept (4: "
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where each concept's outputs (a grid) and results.json go (out/eval)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    if message := toy.missing(args.weights):
+    if message := toyswap.missing(args.weights):
         print(message, file=sys.stderr)
         return 1
     if args.scenes < 1:
@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = evaluate(args.weights, args.scenes, args.concepts, args.cache, args.pictures,
                       not args.quiet)
-    command = "python -m photoswap.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m toy.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(result, command.strip(), args.weights, args.scenes, time.time() - started)
     with atomic_write(args.out) as tmp:
         tmp.write_text(text)
     with atomic_write(args.pictures / "results.json") as tmp:  # per scene and concept
-        tmp.write_text(toy.to_json(result))
+        tmp.write_text(toyswap.to_json(result))
     print(text)
     return 0
 

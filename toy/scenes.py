@@ -10,7 +10,7 @@ with none is exactly the background render (the tests check both).
 
 Splits: training scenes come from seeds [0, 1e9) and never contain a held-out combination of
 (shape, background colour); held-out scenes come from seeds >= 1e9 and may contain them.
-Concepts (train/concepts.py) are textured subjects that these scenes never show.
+Concepts (toy/concepts.py) are textured subjects that these scenes never show.
 """
 
 import math
@@ -27,7 +27,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
     "white": (240, 240, 240), "black": (25, 25, 25),
 }
-# A paint only concepts use (train/concepts.py): pretraining never shows it. (Teal was one too, and
+# A paint only concepts use (toy/concepts.py): pretraining never shows it. (Teal was one too, and
 # the toy VAE, which never saw it, decodes it as purple: references at 17-18 dB.)
 PAINTS = {**COLOURS, "pink": (250, 130, 190)}
 SHAPES = ("circle", "square", "triangle", "star", "heart", "ring")
@@ -45,7 +45,7 @@ class Subject:
     y: float
     radius: float  # half the subject's extent, pixels
     angle: float  # degrees
-    texture: str | None = None  # concepts only (train/concepts.py)
+    texture: str | None = None  # concepts only (toy/concepts.py)
 
 
 @dataclass(frozen=True)
