@@ -70,18 +70,16 @@ def refinement(tokenizer: Tokenizer, source: str, target: str) -> tuple[torch.Te
     """P2P refinement: (mapper [L] long, alphas [L] float) over all L = max_len positions.
 
     Target position j takes source column mapper[j] with weight alphas[j] and its own map with
-    1 - alphas[j]. Positions of the prompts' tokens come from `global_align`. Padding departs from
-    prompt-to-prompt on purpose: there target padding position j maps to source position j, which
-    for a longer source is one of the source's words; here the k-th padding token of the target
-    takes the k-th padding token of the source (the last one where the source has fewer).
+    1 - alphas[j]. The prompts' tokens (BOS and EOS included) are aligned by `global_align`; a
+    target token left unaligned keeps its own map (alpha 0). Padding position j takes source
+    position j, as prompt-to-prompt's get_mapper does (and the Photoswap code with it): where the
+    target is longer, its first padding tokens read the source's last padding tokens' places
+    shifted, and where it is shorter they read the source's last words.
     """
     x, y, size = token_ids(tokenizer, source), token_ids(tokenizer, target), tokenizer.max_len
-    mapper = global_align(x, y)
-    alphas = [float(s >= 0) for s in mapper]
-    mapper = [max(s, 0) for s in mapper]
-    for k in range(size - len(y)):  # padding: fully from the source
-        mapper.append(min(len(x) + k, size - 1))
-        alphas.append(1.0)
+    aligned = global_align(x, y)
+    alphas = [float(s >= 0) for s in aligned] + [1.0] * (size - len(y))
+    mapper = [max(s, 0) for s in aligned] + list(range(len(y), size))
     return torch.tensor(mapper), torch.tensor(alphas)
 
 

@@ -30,18 +30,27 @@ from sd.pipeline import rows
 Window = float | tuple[int, ...]  # a fraction of the steps from the start, or explicit step indices
 
 
-def end(fraction: float, steps: int) -> int:
-    """The first step after a window of `fraction` of the steps: f * T rounded half up (Python's
-    round() would make 0.5 of 5 steps 2 but 0.5 of 7 steps 4)."""
-    return math.floor(fraction * steps + 0.5)
+# How the official code turns a window's fraction f of T steps into the first step after it:
+# the self-map window and the blend's start int(f * T); the cross-map window int(f * (T + 1))
+# (prompt-to-prompt's alpha table, which Photoswap uses, has T + 1 rows); the phi window
+# `step <= int(f * 50)`, whose 50 we read as T, so int(f * T) + 1.
+ENDS = {"f*T": lambda f, steps: int(f * steps),
+        "f*(T+1)": lambda f, steps: int(f * (steps + 1)),
+        "f*T+1": lambda f, steps: int(f * steps) + 1}
 
 
-def active(window: Window, step: int, steps: int) -> bool:
-    """Whether `step` (0-based) is inside the window: a fraction f covers steps i < end(f, T), so
-    0.2 of 50 steps is steps 0..9 (the paper's lambda_phi = 10) and 0.2 of 20 is 0..3. The
-    official code's phi window is `step <= int(f * 50)`: one step longer, and 50 hard-coded."""
+def end(fraction: float, steps: int, rule: str = "f*T") -> int:
+    """The first step after a window of `fraction` of the steps (ENDS[rule]): 0.2 of 50 steps by
+    "f*T" ends at step 10; 0.29 of 100 at 28, as 0.29 * 100 is 28.999999999999996 for the
+    official code too."""
+    return ENDS[rule](fraction, steps)
+
+
+def active(window: Window, step: int, steps: int, rule: str = "f*T") -> bool:
+    """Whether `step` (0-based) is inside the window: a fraction covers steps below
+    end(f, T, rule), explicit step indices themselves."""
     if isinstance(window, (int, float)) and not isinstance(window, bool):
-        return step < end(window, steps)
+        return step < end(window, steps, rule)
     return step in window
 
 
@@ -63,9 +72,11 @@ class Swap:
     window: Window = 0.0
     layers: Layers = field(default_factory=Layers)
     half: str = "cond"  # CFG half whose target rows are edited: "cond", "uncond" or "both"
+    rule: str = "f*T"  # how a fraction becomes steps (ENDS): the official code's, per swap
 
     def __post_init__(self):
         assert self.half in ("cond", "uncond", "both"), f"unknown CFG half {self.half!r}"
+        assert self.rule in ENDS, f"unknown window rule {self.rule!r}"
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,21 @@ class Settings:
     """Every knob of a swap. Defaults: the paper's preset (see PRESETS)."""
 
     # phi: every self-attention layer, both CFG halves (official utils.py overwrites q, k, v of
-    # rows 1 and 3 of the batch [uncond src, uncond tgt, cond src, cond tgt]).
-    phi: Swap = Swap(0.2, Layers(), "both")
+    # rows 1 and 3 of the batch [uncond src, uncond tgt, cond src, cond tgt]) while
+    # step <= int(f * 50), 50 whatever the step count: here T.
+    phi: Swap = Swap(0.2, Layers(), "both", "f*T+1")
     # M: layers with at most a quarter of the latent's tokens (official: <= 32^2 at 512 px, i.e.
     # level >= 1), conditional half (official AttentionControlEdit edits attn[h // 2:] only).
     m: Swap = Swap(0.5, Layers(min_level=1), "cond")
     # A: every cross-attention layer, conditional half, with P2P's refine mapping.
-    a: Swap = Swap(0.4, Layers(), "cond")
+    a: Swap = Swap(0.4, Layers(), "cond", "f*(T+1)")
     # Local blend (official LocalBlend): from step end(blend_start, T) on, the target latent
-    # keeps the source latent outside the union of both subjects' masks; None turns it off.
+    # keeps the source latent outside the union of both subjects' masks; None turns it off. The
+    # masks come from the subject words' cross maps at one level (official: the down and up
+    # blocks' 16x16 maps at 512 px, level 2; the mid block is level 3 there; on a small model
+    # whose mid block sits at the blend level, its maps count too), summed over steps, as the A
+    # swap left them: the official code stores a view of the map that the swap then overwrites
+    # in place, so a target word aligned to a source token reads the source's map.
     blend_start: float | None = 0.2
     blend_threshold: float = 0.3  # official th=(.3, .3)
     blend_level: int = 2  # official: the 16x16 maps of a 64x64 latent (level 2)
@@ -91,11 +108,13 @@ PRESETS: dict[str, Settings] = {
     # Paper (Gu et al. 2023, implementation details): 50 steps, lambda_A = 20, lambda_M = 25,
     # lambda_phi = 10; local blend as the official code (the paper does not mention it).
     "paper": Settings(),
-    # Official notebook (real-image-swap.ipynb): cross 0.6, self-output 0.8, self-map 0.0.
-    # Its code sets M's window to M + phi (swapping_class.py), so with M 0 the M window equals
-    # phi's and phi, in the same layers, overrides it: M never acts. We keep M at 0.
-    "official": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
-                         a=Swap(0.6, Layers(), "cond")),
+    # Official notebook (real-image-swap.ipynb): cross 0.6, self-output 0.8, self-map 0.0. Its
+    # code sets M's window to M + phi (swapping_class.py), steps below int(0.8 T); phi, in the
+    # same layers and through step int(0.8 T), overrides it there: M never acts. Here a window
+    # is its own fraction (M 0 is off), which is the same whatever phi is.
+    "official": Settings(phi=Swap(0.8, Layers(), "both", "f*T+1"),
+                         m=Swap(0.0, Layers(min_level=1)),
+                         a=Swap(0.6, Layers(), "cond", "f*(T+1)")),
     # The toy model (sd.config.TOY, 16x16 latents): the official preset with A over every step,
     # local blend from its 8x8 maps (its quarter-side maps are the mid block's 4x4, and a 3x3
     # max-pool of those covers the whole latent) at threshold 0.5. A small latent forms its
@@ -104,17 +123,19 @@ PRESETS: dict[str, Settings] = {
     # PSNR / layout IoU with this blend were A 0.6 26.5 / 0.30, A 0.8 26.9 / 0.33, A 1.0 27.7 /
     # 0.46 (this; threshold 0.3: 26.1 dB); the paper's and the official presets (blend at level 1,
     # threshold 0.3) 22.5 / 0.25 and 25.7 / 0.31; `none` 20.6 / 0.22 (python -m bench.swap_presets).
-    "toy": Settings(phi=Swap(0.8, Layers(), "both"), m=Swap(0.0, Layers(min_level=1)),
-                    a=Swap(1.0, Layers(), "cond"), blend_threshold=0.5, blend_level=1),
+    "toy": Settings(phi=Swap(0.8, Layers(), "both", "f*T+1"),
+                    m=Swap(0.0, Layers(min_level=1)),
+                    a=Swap(1.0, Layers(), "cond", "f*(T+1)"), blend_threshold=0.5, blend_level=1),
 }
 
 
 def p2p(settings: Settings) -> Settings:
     """prompt-to-prompt's refine edit on the same code: A and self-map injection, no phi. Its
-    notebook refines with cross_replace_steps 0.8, self_replace_steps 0.4 and injects self maps
-    only in layers of at most 16^2 tokens at 512 px (level >= 2, replace_self_attention)."""
+    notebook refines with cross_replace_steps 0.8, self_replace_steps 0.4, injects self maps in
+    layers of at most 16^2 tokens at 512 px (level >= 2 here, at any size) and blends from the
+    first step (its LocalBlend has no start); the blend's level and threshold are the preset's."""
     return Settings(phi=Swap(0.0), m=Swap(0.4, Layers(min_level=2), "cond"),
-                    a=Swap(0.8, Layers(), "cond"), blend_start=settings.blend_start,
+                    a=Swap(0.8, Layers(), "cond", "f*(T+1)"), blend_start=0.0,
                     blend_threshold=settings.blend_threshold, blend_level=settings.blend_level)
 
 
@@ -160,7 +181,7 @@ class PhotoSwap(Control):
         return self._moved[key]
 
     def _on(self, swap: Swap, site: Site) -> bool:
-        return swap.layers(site) and active(swap.window, self.step, self.steps)
+        return swap.layers(site) and active(swap.window, self.step, self.steps, swap.rule)
 
     def __call__(self, q, k, v, site):
         s, b = self.settings, q.shape[0]
@@ -202,16 +223,20 @@ class PhotoSwap(Control):
         first = rows(batch, self.prompts, "both", 1, 2)
         return [first.index(r) % self.pairs for r in tgt]
 
+    def _refine(self, source: torch.Tensor, target: torch.Tensor, pair: list[int]) -> torch.Tensor:
+        """Explicit maps [T, H, N, 77] of the target rows after the A swap: column j is
+        alpha_j * source[..., mapper_j] + (1 - alpha_j) * target[..., j]."""
+        mapper = self._on_device("mapper", source.device, torch.long)[pair]
+        alphas = self._on_device("alphas", source.device, source.dtype)[pair][:, None, None]
+        taken = torch.gather(source, 3, mapper[:, None, None].expand_as(source))
+        return taken * alphas + target * (1 - alphas)
+
     def _cross(self, q, k, v, src, tgt):
         """A'[:, j] = alpha_j A_src[:, mapper_j] + (1 - alpha_j) A_tgt[:, j] on target rows."""
         pair = self._pair_of(tgt, q.shape[0])
         if self.explicit:
             attn = attention_map(q, k)  # [B, H, N, 77] fp32
-            mapper = self._on_device("mapper", q.device, torch.long)[pair]
-            alphas = self._on_device("alphas", q.device, attn.dtype)[pair]
-            taken = torch.gather(attn[src], 3, mapper[:, None, None].expand_as(attn[src]))
-            a = alphas[:, None, None].float()
-            attn[tgt] = taken * a + attn[tgt] * (1 - a)
+            attn[tgt] = self._refine(attn[src], attn[tgt], pair)
             return apply_map(attn, v)
         out = attention(q, k, v)
         mixer = self._on_device("mixers", v.device, v.dtype)[pair]  # [T, 77, 77]
@@ -229,9 +254,16 @@ class PhotoSwap(Control):
                 and site.level == self.settings.blend_level)
 
     def _collect(self, q, k, site):
-        """Add the subject words' cross maps (conditional rows, before any edit) to the total."""
+        """Add the subject words' cross maps (conditional rows, as the A swap leaves them) to the
+        running total."""
         cond = rows(q.shape[0], self.prompts, "cond")
-        attn = attention_map(q[cond], k[cond]).mean(1)  # [prompts, N, 77], N small
+        attn = attention_map(q[cond], k[cond])  # [prompts, H, N, 77], N small
+        a = self.settings.a
+        if a.half != "uncond" and self._on(a, site):  # the official store sees the edited maps
+            pair = list(range(self.pairs))
+            attn = torch.cat([attn[: self.pairs], self._refine(attn[: self.pairs],
+                                                               attn[self.pairs :], pair)])
+        attn = attn.mean(1)
         picks = [s for s, _ in self.subjects] + [t for _, t in self.subjects]
         maps = torch.stack([attn[r][:, idx].sum(-1) for r, idx in enumerate(picks)])
         self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps

@@ -27,13 +27,18 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 at least: half types are upcast, fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def attention_map(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """The explicit map softmax(q k^T / sqrt(d)) in fp32, differentiable: [..., Nq, Nk].
+    """The explicit map softmax(q k^T / sqrt(d)) in fp32 (or fp64), differentiable: [..., Nq, Nk].
 
     Scores are formed in fp32 because SD 2.1 (768-v) overflows fp16 in q k^T; upstream guards the
     same spot with `upcast_attention`.
     """
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = (wide(q) @ wide(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         n, m = scores.shape[-2:]
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
@@ -42,8 +47,9 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> tor
 
 
 def apply_map(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """attn @ v, in fp32, returned in v's dtype (the explicit counterpart of `attention`)."""
-    return (attn @ v.float()).to(v.dtype)
+    """attn @ v, in fp32 (or fp64), returned in v's dtype (the explicit counterpart of
+    `attention`)."""
+    return (attn @ wide(v)).to(v.dtype)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ from torch import nn
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype (as LDM's GroupNorm32): fp16 variance
-    over 64x64x40 values loses precision."""
+    """GroupNorm computed in fp32 at least (as LDM's GroupNorm32): fp16 variance over 64x64x40
+    values loses precision; fp64 stays fp64."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(wide)
+        b = None if self.bias is None else self.bias.to(wide)
+        return F.group_norm(x.to(wide), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):

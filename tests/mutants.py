@@ -37,6 +37,7 @@ def m(name: str, file: str, original: str, replacement: str, *tests: str) -> Mut
 
 
 MODULES, PIPE, CTRL = "tests/test_modules.py", "tests/test_pipeline.py", "tests/test_controls.py"
+OFFICIAL = "tests/test_official.py::test_swap_equals_the_official_algorithm["
 MUTANTS = [
     # The seven of issue 13, each once missed by the suite.
     m("unet resnet GroupNorm eps 1e-5 -> 1e-6", "sd/unet.py",
@@ -163,6 +164,16 @@ MUTANTS = [
       "phi = self._rows(b, s.phi.half) if self._on(s.phi, site) else ([], [])",
       "phi = ([], [])",
       "tests/test_toy_swap.py::test_photoswap_keeps_the_background_and_layout_better_than_none"),
+    # The official algorithm (tests/test_official.py's reference in diffusers).
+    m("refinement mapper: padding off by one", "photoswap/align.py",
+      "list(range(len(y), size))", "list(range(len(y) - 1, size - 1))",
+      OFFICIAL + "unequal length-float64]"),
+    m("local blend reads the maps before the A swap", "photoswap/control.py",
+      'if a.half != "uncond" and self._on(a, site):', "if False:",
+      OFFICIAL + "p2p refine + blend-float64]"),
+    m("phi window one step short", "photoswap/control.py",
+      '"f*T+1": lambda f, steps: int(f * steps) + 1}', '"f*T+1": lambda f, steps: int(f * steps)}',
+      OFFICIAL + "equal length-float64]"),
 ]
 
 

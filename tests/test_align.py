@@ -38,8 +38,9 @@ def test_refinement_cat_to_sks_dog(tok):
     # Source ids: BOS a photo of a cat EOS (7); target: BOS a photo of a sks dog EOS (8).
     assert mapper[:8].tolist() == [0, 1, 2, 3, 4, 0, 0, 6]
     assert alphas[:8].tolist() == [1, 1, 1, 1, 1, 0, 0, 1]
-    # Padding: the target's first padding token (8) takes the source's first (7), and so on.
-    assert mapper[8:11].tolist() == [7, 8, 9] and mapper[-1] == 75  # 69 pads onto 70
+    # Padding position j takes source position j (prompt-to-prompt's get_mapper): 8 onto 8,
+    # the source's second padding token, ..., 76 onto 76.
+    assert mapper[8:].tolist() == list(range(8, 77))
     assert alphas[8:].eq(1).all() and mapper.shape == alphas.shape == (77,)
 
 
@@ -48,12 +49,13 @@ def test_refinement_identical_prompts_is_the_identity(tok):
     assert mapper.tolist() == list(range(77)) and alphas.eq(1).all()
 
 
-def test_refinement_shorter_target_pads_onto_the_last_source_position(tok):
+def test_refinement_shorter_target_pads_onto_the_source_words_at_its_positions(tok):
     src = "a photo of a tabby cat sitting on a tabby mat"
     mapper, alphas = refinement(tok, src, "a photo of a dog")
     n_src, n_tgt = len(token_ids(tok, src)), len(token_ids(tok, "a photo of a dog"))
     assert mapper[n_tgt - 1] == n_src - 1  # EOS onto EOS
-    assert mapper[n_tgt].item() == n_src and mapper[-1] == 76
+    assert mapper[n_tgt:].tolist() == list(range(n_tgt, 77))  # the first pads onto source words
+    assert n_tgt < n_src and alphas[n_tgt:].eq(1).all()
     assert alphas[n_tgt - 2] == 0  # "dog" is new
 
 

@@ -53,11 +53,12 @@ def test_settings_for_methods_and_overrides():
     assert settings_for("photoswap") == paper
     p2p = settings_for("p2p")
     assert p2p.phi.window == 0 and p2p.a.window == 0.8 and p2p.m.layers == Layers(min_level=2)
+    assert p2p.blend_start == 0.0  # the p2p notebook's LocalBlend blends from the first step
     none = settings_for("none")
     assert (none.phi.window, none.m.window, none.a.window, none.blend_start) == (0, 0, 0, None)
     s = settings_for("photoswap", "official", phi=0.3, a=0.1, blend_start=0.5)
     assert (s.phi.window, s.m.window, s.a.window, s.blend_start) == (0.3, 0.0, 0.1, 0.5)
-    assert s.phi.half == "both" and s.a.half == "cond"
+    assert s.phi.half == "both" and s.a.half == "cond" and s.phi.rule == "f*T+1"
     assert settings_for("photoswap", blend_start=False).blend_start is None
 
 
