@@ -17,7 +17,6 @@ tokens' cross maps for local blend at one low resolution; M is the fused kernel 
 edited as the official code (eric-ai-lab/photoswap, swapping_class.py and utils.py) edits them.
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch

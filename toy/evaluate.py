@@ -79,8 +79,8 @@ def evaluate(weights: Path, scenes: int, names: list[str], cache: Path, pictures
         invs = [toyswap.invert_source(pipe, s) for s in srcs]
         words = [toyswap.target_prompt(s, name)[1] for s in srcs]
         images = toyswap.swaps(pipe, srcs, invs, words)
-        images["paper"] = toyswap.swaps(pipe, srcs, invs, words, ("photoswap",), base=toyswap.PAPER)[
-            "photoswap"]
+        images["paper"] = toyswap.swaps(pipe, srcs, invs, words, ("photoswap",),
+                                        base=toyswap.PAPER)["photoswap"]
         for m in (*METHODS, "paper"):
             result["swaps"][m][name] = [toyswap.score(a, s, stats) for a, s in zip(images[m], srcs)]
         result["swaps"]["reconstruction"][name] = [toyswap.score(a, s, stats)
