@@ -26,7 +26,9 @@ EPILOG = """examples:
   python -m photoswap "a red circle" --subject circle --concept square --model tiny --steps 10
 
 Presets (fractions of the steps; see README): paper phi 0.2, M 0.5, A 0.4;
-official phi 0.8, M 0, A 0.6. Local blend from 0.2 of the steps in both."""
+official phi 0.8, M 0, A 0.6; toy phi 0.8, M 0, A 1.0. Local blend from 0.2 of the
+steps; p2p blends from the first step. Windows end as the official code's do: phi
+through step int(f T), M below int(f T), A below int(f (T + 1))."""
 
 
 class UserError(ValueError):
