@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from photoswap.control import PRESETS, Settings, no_swap, p2p
+from sd import cli
+from sd.config import TOY
 from toy import concepts, metrics
 from toy import swap as toy
 from toy.evaluate import mean
@@ -46,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", type=int, default=4, help="first held-out scene (4)")
     p.add_argument("--count", type=int, default=8, help="scenes (8)")
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    if message := toy.missing(args.weights):
-        print(message, file=sys.stderr)
-        return 1
     if args.first < 0 or args.count < 1:
-        print("error: give --first 0 or more and --count 1 or more", file=sys.stderr)
-        return 1
+        raise cli.UsageError("give --first 0 or more and --count 1 or more")
+    toy.check_model(args.weights)
+    cli.threads(args.threads, TOY)
     started = time.time()
     srcs = [toy.source(i) for i in range(args.first, args.first + args.count)]
     work = []  # per concept: (pipe, inversions, target words, reference statistics)
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -7,11 +7,15 @@ heat.png (--heatmap), layout.png (--layout) and sweep.png (--sweep-phi / --sweep
 
 import argparse
 import json
+import math
 import struct
 import sys
 from pathlib import Path
 
+from sd import cli
+from sd.cli import UsageError
 from sd.config import DTYPE_NAMES, PRESETS
+from sd.files import unwritable
 
 SWAP_PRESETS = ("paper", "official", "toy")  # control.PRESETS' keys, listed without importing torch
 METHODS = ("photoswap", "p2p", "none")  # photoswap.swap.METHODS
@@ -29,10 +33,6 @@ Presets (fractions of the steps; see README): paper phi 0.2, M 0.5, A 0.4;
 official phi 0.8, M 0, A 0.6; toy phi 0.8, M 0, A 1.0. Local blend from 0.2 of the
 steps; p2p blends from the first step. Windows end as the official code's do: phi
 through step int(f T), M below int(f T), A below int(f (T + 1))."""
-
-
-class UserError(ValueError):
-    """Bad input: printed as one line, exit code 1."""
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +85,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cli.add_threads(p)
+    p.error = lambda message: p.exit(2, f"error: {message} (see python -m photoswap --help)\n")
     return p.parse_args(argv)
 
 
@@ -93,69 +95,61 @@ def embeds_tokens(path: Path) -> list[str]:
     try:
         with open(path, "rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
+            if size > path.stat().st_size - 8:  # text read as a header size is absurdly large
+                raise ValueError("not a safetensors file")
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as e:
-        raise UserError(f"{path}: cannot be read as a textual-inversion file ({e})") from e
+        raise UsageError(f"{path}: cannot be read as a textual-inversion file ({e})") from e
     return [k for k in header if k != "__metadata__"]
 
 
 def check(args: argparse.Namespace) -> None:
-    """Everything that can be checked before a model loads; raises UserError."""
+    """Everything that can be checked before a model loads; raises UsageError."""
     windows = {"--phi": [args.phi], "--m": [args.m], "--a": [args.a],
                "--blend-start": [args.blend_start], "--sweep-phi": args.sweep_phi or [],
                "--sweep-a": args.sweep_a or []}
     for flag, values in windows.items():
         for value in values:
             if value is not None and not 0 <= value <= 1:
-                raise UserError(f"{flag} {value} is outside [0, 1]: windows and the blend start "
+                raise UsageError(f"{flag} {value} is outside [0, 1]: windows and the blend start "
                                 "are fractions of the steps")
     if len(args.concept) != len(args.subject):
-        raise UserError(f"{len(args.subject)} subject word(s) but {len(args.concept)} concept(s): "
+        raise UsageError(f"{len(args.subject)} subject word(s) but {len(args.concept)} concept(s): "
                         "give one --concept per --subject word")
     if (args.sweep_phi is None) != (args.sweep_a is None):
-        raise UserError("a sweep needs both --sweep-phi and --sweep-a")
+        raise UsageError("a sweep needs both --sweep-phi and --sweep-a")
     if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):  # as sd.pipeline's
+        raise UsageError(f"--guidance {args.guidance}: give a finite number (0: the unconditional "
+                         "model alone; 1: the prompt without guidance; 7.5: the default)")
+    if problem := unwritable(args.out, folder=True):
+        raise UsageError(f"-o: {problem}")
     multiple = 64 if args.image else 8  # sd.images.load_image crops photos to multiples of 64
     for flag, side in (("--height", args.height), ("--width", args.width)):
         if side is not None and (side <= 0 or side % multiple):
-            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {side}")
+            raise UsageError(f"{flag} must be a positive multiple of {multiple}, got {side}")
     if args.fast and args.image is None:
-        raise UserError("--fast chooses how --image is inverted: give --image")
+        raise UsageError("--fast chooses how --image is inverted: give --image")
     for path in (args.image, args.inversion, args.embeds, args.mask, args.weights):
         if path is not None and not path.exists():
-            raise UserError(f"{path}: no such file or folder")
-    from PIL import Image  # noqa: PLC0415 (Pillow is quick; torch is not)
+            raise UsageError(f"{path}: no such file or folder")
+    from sd.images import open_image  # noqa: PLC0415 (Pillow is quick; torch is not)
 
     for path in (args.mask, args.image):
         if path is not None:
-            try:
-                with Image.open(path) as im:
-                    im.load()
-            except (OSError, ValueError) as e:
-                raise UserError(f"{path}: cannot be read as an image ({e})") from e
+            open_image(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        check(args)
-        tokens = embeds_tokens(args.embeds) if args.embeds else []
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check(args)
+    tokens = embeds_tokens(args.embeds) if args.embeds else []
     # The library and torch load only now: --help and usage errors are instant.
-    from photoswap.cli import WeightsError, execute
+    from photoswap.cli import execute
 
-    try:
-        return execute(args, tokens)
-    except WeightsError as e:  # says what to download
-        print(e, file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return execute(args, tokens)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,16 +16,15 @@ from photoswap.align import subject_indices
 from photoswap.swap import Pair, control, replace_words, run, settings_for
 from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
 from sd.attention import Site
+from sd.cli import size_warning, threads
 from sd.config import DTYPES
 from sd.files import atomic_write
-from sd.images import grid, load_image, overlay, save_image, to_pil
-from sd.pipeline import Pipeline, default_device_dtype
+from sd.images import grid, load_image, open_image, overlay, save_image, to_pil
+from sd.pipeline import Pipeline, default_device_dtype, pick_device
 from sd.tokenizer import Tokenizer
-from sd.weights import WeightsError, resolve
+from sd.weights import resolve
 from train.inversion import invert
 from train.inversion import load as load_inversion
-
-__all__ = ["WeightsError", "execute"]
 
 
 def check_concepts(tok: Tokenizer, concepts: list[str], learned: list[str], embeds) -> None:
@@ -43,9 +42,9 @@ def check_concepts(tok: Tokenizer, concepts: list[str], learned: list[str], embe
 
 def user_mask(path) -> torch.Tensor:
     """Any image -> [1, 1, H, W] in [0, 1] (brightness); resized to the latent by the control."""
-    with Image.open(path) as im:
-        grey = torch.frombuffer(bytearray(im.convert("L").tobytes()), dtype=torch.uint8)
-        return grey.reshape(1, 1, im.height, im.width).float() / 255
+    im = open_image(path)
+    grey = torch.frombuffer(bytearray(im.convert("L").tobytes()), dtype=torch.uint8)
+    return grey.reshape(1, 1, im.height, im.width).float() / 255
 
 
 def execute(args: argparse.Namespace, learned: list[str]) -> int:
@@ -63,23 +62,30 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
     mask = user_mask(args.mask) if args.mask else None
 
-    device, dtype = default_device_dtype()
-    device, dtype = args.device or device, DTYPES[args.dtype] if args.dtype else dtype
+    device = pick_device(args.device)
+    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else fallback
+    n = threads(args.threads, cfg)
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+          f"{device} in {str(dtype).removeprefix('torch.')}" +
+          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
+    if warning := size_warning(args.height, args.width, cfg, 4):
+        print(f"warning: {warning}", file=sys.stderr)
     torch.manual_seed(args.seed)  # only random (tiny) weights draw from it, as in train.null_text
     pipe = Pipeline.load(cfg, weights, device, dtype)
     if args.embeds:
         pipe.add_concepts(args.embeds)
     progress = not args.quiet
 
-    steps, guidance, photo, uncond = args.steps or 50, args.guidance or 7.5, None, None
+    steps, photo, uncond = args.steps or 50, None, None
+    guidance = 7.5 if args.guidance is None else args.guidance
     if args.inversion:
         inv = load_inversion(args.inversion, pipe, args.steps)
         if inv.prompt != args.prompt:
             raise ValueError(f"{args.inversion} was inverted with the prompt {inv.prompt!r}: give "
                              "that prompt as the source prompt")
-        steps, guidance = inv.steps, args.guidance or inv.guidance
+        steps = inv.steps
+        guidance = inv.guidance if args.guidance is None else args.guidance
         x_T, uncond = inv.x_T, inv.uncond
     elif args.image:
         photo = to_pil(load_image(args.image, h, w))[0]

@@ -74,8 +74,13 @@ class Swap:
     rule: str = "f*T"  # how a fraction becomes steps (ENDS): the official code's, per swap
 
     def __post_init__(self):
-        assert self.half in ("cond", "uncond", "both"), f"unknown CFG half {self.half!r}"
-        assert self.rule in ENDS, f"unknown window rule {self.rule!r}"
+        if self.half not in ("cond", "uncond", "both"):
+            raise ValueError(f"unknown CFG half {self.half!r}: give cond, uncond or both")
+        if self.rule not in ENDS:
+            raise ValueError(f"unknown window rule {self.rule!r}: give one of {', '.join(ENDS)}")
+        if isinstance(self.window, (int, float)) and not 0 <= self.window <= 1:
+            raise ValueError(f"window {self.window} is outside [0, 1]: windows are fractions of "
+                             "the steps (or a tuple of step indices)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,13 @@ class Settings:
     blend_start: float | None = 0.2
     blend_threshold: float = 0.3  # official th=(.3, .3)
     blend_level: int = 2  # official: the 16x16 maps of a 64x64 latent (level 2)
+
+    def __post_init__(self):
+        if self.blend_start is not None and not 0 <= self.blend_start <= 1:
+            raise ValueError(f"blend start {self.blend_start} is outside [0, 1]: it is a fraction "
+                             "of the steps")
+        if not 0 <= self.blend_threshold <= 1:
+            raise ValueError(f"blend threshold {self.blend_threshold} is outside [0, 1]")
 
 
 PRESETS: dict[str, Settings] = {

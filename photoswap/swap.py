@@ -40,6 +40,10 @@ def settings_for(method: str, preset: str = "paper", phi: float | None = None,
                  blend_start: float | None | bool = True) -> Settings:
     """The preset, turned into a baseline by `method`, with windows overridden where given;
     blend_start False turns local blend off, True keeps the preset's."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: give one of {', '.join(METHODS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: give one of {', '.join(PRESETS)}")
     s = method_settings(method, PRESETS[preset])
     for name, window in (("phi", phi), ("m", m), ("a", a)):
         if window is not None:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from sd import cli
 from sd.config import DTYPE_NAMES, PRESETS
 
 
@@ -30,6 +31,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="of the model; the optimised tensor is always fp32 (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cli.add_threads(p)
 
 
 def settings_options(p: argparse.ArgumentParser, presets: dict, words: dict[str, str]) -> None:
@@ -67,7 +69,9 @@ def load(args: argparse.Namespace):
 
     cfg, weights, why = resolve(args.model, args.weights)
     device = pick_device(args.device)
+    n = cli.threads(args.threads, cfg)
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {args.dtype}", file=sys.stderr)
+          f"{device} in {args.dtype}" + (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu"
+                                          else ""), file=sys.stderr)
     return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes import load, model_options, settings_from, settings_options
+from sd import cli
 from sd.files import unwritable
 
 
@@ -233,35 +234,31 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from sd.images import grid, image_format, load_image, save_image, to_pil
-    from sd.weights import WeightsError
 
     s, output = args.settings, args.output or Path("out.png")
-    try:  # what the user gave is checked before the model loads
-        image_format(output)
-        if args.toy is None:
-            load_image(args.image, 64, 64)
-        pipe = load(args)
-        if args.toy is not None:
-            r, shown = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
-            print(f"background PSNR outside the subject: DDS {r['dds background']:.2f} dB, CDS "
-                  f"{r['cds background']:.2f} dB; subject PSNR against the exact edit: DDS "
-                  f"{r['dds subject']:.2f}, CDS {r['cds subject']:.2f}, unedited "
-                  f"{r['unedited subject']:.2f} dB ({args.toy} toy scenes)")
-            if args.output:  # rows: photo, exact edit, DDS, CDS; shown 4x
-                tiles = [[im.resize((256, 256), 0) for im in to_pil(torch.cat(row))]
-                         for row in shown[:4]]
-                save_image(grid(tiles), args.output)
-                print(f"wrote {args.output}")
-            return 0
-        z = pipe.encode(args.image)
-        out = edit(pipe, z, args.source, args.target, s, args.seed, not args.quiet)
-        save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], output)
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # What the user gave is checked before the model loads.
+    image_format(output)
+    if args.toy is None:
+        load_image(args.image, 64, 64)
+    pipe = load(args)
+    if args.toy is not None:
+        r, shown = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
+        print(f"background PSNR outside the subject: DDS {r['dds background']:.2f} dB, CDS "
+              f"{r['cds background']:.2f} dB; subject PSNR against the exact edit: DDS "
+              f"{r['dds subject']:.2f}, CDS {r['cds subject']:.2f}, unedited "
+              f"{r['unedited subject']:.2f} dB ({args.toy} toy scenes)")
+        if args.output:  # rows: photo, exact edit, DDS, CDS; shown 4x
+            tiles = [[im.resize((256, 256), 0) for im in to_pil(torch.cat(row))]
+                     for row in shown[:4]]
+            save_image(grid(tiles), args.output)
+            print(f"wrote {args.output}")
+        return 0
+    z = pipe.encode(args.image)
+    out = edit(pipe, z, args.source, args.target, s, args.seed, not args.quiet)
+    save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], output)
     print(f"wrote {output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes import load, model_options, settings_from, settings_options
+from sd import cli
 from sd.files import unwritable
 
 
@@ -293,42 +294,37 @@ def picture(rows: list[tuple]) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from sd.images import image_format, load_image, rgb, save_image
-    from sd.weights import WeightsError
+    from sd.images import image_format, load_image, open_image, rgb, save_image
 
-    try:  # what the user gave is checked before the model loads
-        if args.output:
-            image_format(args.output)
-        if args.toy is None:
-            for path in (args.source, args.target):
-                load_image(path, 64, 64)
-            with Image.open(args.source) as im:  # as displayed, and as load_image crops it
-                w, h = rgb(im).size
-            unit = [[(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(q, (w, h))]
-                    for q in args.point]
-            if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
-                raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
-                                 f"square of the {w}x{h} source image")
-        pipe = load(args)
-        side = pipe.cfg.resolution
-        if args.toy is not None:
-            r, rows = evaluate_toy(pipe, args.toy, args.alpha, args.settings, args.seed,
-                                   args.batch, not args.quiet)
-            print(f"PCK@{args.alpha:g}: {r['pck']:.3f} over {r['keypoints']} keypoints of "
-                  f"{args.toy} toy pairs (chance {r['chance']:.3f}, copying the source point "
-                  f"{r['copy']:.3f}; preset {args.preset})")
-        else:
-            source, target = (load_image(p, side, side) for p in (args.source, args.target))
-            points = torch.tensor(unit) * side
-            found, heat = correspond(pipe, source, target, points, args.settings, args.seed,
-                                     args.batch, not args.quiet)
-            rows = [(source, target, points, found, None, heat[0])]
-            for p, f in zip(points.tolist(), found.tolist()):  # as the model sees the images
-                print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f}) in the "
-                      f"{side}x{side} centre squares")
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # What the user gave is checked before the model loads.
+    if args.output:
+        image_format(args.output)
+    if args.toy is None:
+        for path in (args.source, args.target):
+            load_image(path, 64, 64)
+        w, h = rgb(open_image(args.source)).size  # as displayed, and as load_image crops it
+        unit = [[(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(q, (w, h))]
+                for q in args.point]
+        if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
+            raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
+                             f"square of the {w}x{h} source image")
+    pipe = load(args)
+    side = pipe.cfg.resolution
+    if args.toy is not None:
+        r, rows = evaluate_toy(pipe, args.toy, args.alpha, args.settings, args.seed,
+                               args.batch, not args.quiet)
+        print(f"PCK@{args.alpha:g}: {r['pck']:.3f} over {r['keypoints']} keypoints of "
+              f"{args.toy} toy pairs (chance {r['chance']:.3f}, copying the source point "
+              f"{r['copy']:.3f}; preset {args.preset})")
+    else:
+        source, target = (load_image(p, side, side) for p in (args.source, args.target))
+        points = torch.tensor(unit) * side
+        found, heat = correspond(pipe, source, target, points, args.settings, args.seed,
+                                 args.batch, not args.quiet)
+        rows = [(source, target, points, found, None, heat[0])]
+        for p, f in zip(points.tolist(), found.tolist()):  # as the model sees the images
+            print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f}) in the "
+                  f"{side}x{side} centre squares")
     if args.output:
         save_image(picture(rows[:4]), args.output)
         print(f"wrote {args.output}")
@@ -336,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from recipes import load, model_options
+from sd import cli
 from sd.files import unwritable
 
 
@@ -118,17 +119,12 @@ def picture(shown: list[tuple], threshold: float) -> Image.Image:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from sd.images import image_format, save_image
-    from sd.weights import WeightsError
 
-    try:
-        if args.output:
-            image_format(args.output)
-        pipe = load(args)
-        r, shown = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
-                                args.seed)
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.output:
+        image_format(args.output)
+    pipe = load(args)
+    r, shown = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
+                            args.seed)
     print(f"mean IoU of the shape word's mask with the exact subject mask: {r['mean iou']:.3f} "
           f"(centred blob {r['centred blob iou']:.3f}; {args.toy} toy scenes, tau "
           f"{args.threshold:g}, {args.steps} timesteps)")
@@ -139,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

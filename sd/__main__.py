@@ -5,7 +5,7 @@ import math
 import sys
 from pathlib import Path
 
-from sd import files
+from sd import cli, files
 from sd.config import DTYPE_NAMES, PRESETS
 
 EPILOG = """examples:
@@ -50,6 +50,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="the image to "
                    "write; its extension names the format: .png, .jpg, .webp (default: out.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     for failed, message in ((args.batch < 1, f"--batch {args.batch}: give 1 or more"),
                             (not math.isfinite(args.guidance), "--guidance: give a finite number"),
@@ -73,50 +74,43 @@ def main(argv: list[str] | None = None) -> int:
     from sd.images import grid, image_format, overlay, save_image
     from sd.pipeline import HeatMap, Pipeline, concept_rows, default_device_dtype, pick_device
     from sd.tokenizer import Tokenizer
-    from sd.weights import WeightsError, read, resolve
+    from sd.weights import read, resolve
 
-    try:
-        cfg, weights, why = resolve(args.model, args.weights)
-    except WeightsError as e:  # says how to download them
-        print(e, file=sys.stderr)
-        return 2
-    try:  # everything else that can be checked before the model loads
-        image_format(args.output)
-        for side in (args.height, args.width):
-            if side is not None and (side <= 0 or side % cfg.vae.factor):
-                raise ValueError(f"--height and --width: give multiples of {cfg.vae.factor}, "
+    # Everything that can be checked before the model loads.
+    cfg, weights, why = resolve(args.model, args.weights)
+    image_format(args.output)
+    for side in (args.height, args.width):
+        if side is not None and (side <= 0 or side % cfg.vae.factor):
+            raise cli.UsageError(f"--height and --width: give multiples of {cfg.vae.factor}, "
                                  f"such as {cfg.resolution}; got {side}")
-        ddim.timesteps(args.steps, cfg.schedule)
-        device = pick_device(args.device)
-        concepts = {k: v for file in args.concepts or [] for k, v in read(file).items()}
-        if concepts:
-            concept_rows(concepts, cfg.text.width)
-        tokenizer = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
-        tokenizer.add_tokens(list(concepts))
-        spans = [len(tokenizer.word_indices(args.prompt, w)) for w in args.heatmap or []]
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ddim.timesteps(args.steps, cfg.schedule)
+    device = pick_device(args.device)
+    concepts = {k: v for file in args.concepts or [] for k, v in read(file).items()}
+    if concepts:
+        concept_rows(concepts, cfg.text.width)
+    tokenizer = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+    tokenizer.add_tokens(list(concepts))
+    spans = [len(tokenizer.word_indices(args.prompt, w)) for w in args.heatmap or []]
     fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
     dtype = DTYPES[args.dtype] if args.dtype else fallback
+    n = cli.threads(args.threads, cfg)
     print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    try:
-        pipe = Pipeline.load(cfg, weights, device, dtype)
-        if concepts:
-            pipe.add_concepts(concepts)
-        heat = None
-        if args.heatmap:
-            tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]
-            hw = ((args.height or cfg.resolution) // cfg.vae.factor,
-                  (args.width or cfg.resolution) // cfg.vae.factor)
-            heat = HeatMap(tokens, hw)
-        images = pipe([args.prompt] * args.batch, args.negative, args.steps, args.guidance,
-                      args.seed, height=args.height, width=args.width, ctrl=heat, eta=args.eta,
-                      progress=not args.quiet)
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+          f"{device} in {str(dtype).removeprefix('torch.')}" +
+          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
+    if warning := cli.size_warning(args.height, args.width, cfg, args.batch):
+        print(f"warning: {warning}", file=sys.stderr)
+    pipe = Pipeline.load(cfg, weights, device, dtype)
+    if concepts:
+        pipe.add_concepts(concepts)
+    heat = None
+    if args.heatmap:
+        tokens = [i for w in args.heatmap for i in pipe.tokenizer.word_indices(args.prompt, w)]
+        hw = ((args.height or cfg.resolution) // cfg.vae.factor,
+              (args.width or cfg.resolution) // cfg.vae.factor)
+        heat = HeatMap(tokens, hw)
+    images = pipe([args.prompt] * args.batch, args.negative, args.steps, args.guidance,
+                  args.seed, height=args.height, width=args.width, ctrl=heat, eta=args.eta,
+                  progress=not args.quiet)
     out = args.output
     for i, image in enumerate(images):
         save_image(image, out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}"))
@@ -132,7 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # nothing is half-written: images are saved atomically
-        sys.exit("interrupted")
+    sys.exit(cli.run(main))

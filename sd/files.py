@@ -1,14 +1,24 @@
 """Atomic writes: a file appears complete under its name, or not at all (train/checkpoints.py
 has the folder variant).
 
-Write to NAME.tmp beside the target, fsync it, rename it onto the target (os.replace is atomic on
-one file system) and fsync the folder, where the rename itself lives (fsync(2)).
+Write to a temporary file of its own beside the target (.NAME.RANDOM.tmp: writers of the same
+name at once never share one), give it the mode the user's umask gives new files (safetensors
+creates 0600), fsync it, rename it onto the target (os.replace is atomic on one file system; the
+last complete write wins) and fsync the folder, where the rename itself lives (fsync(2)).
 """
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def umask_mode(folder: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) gets from the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def unwritable(path: Path, folder: bool = False) -> str | None:
@@ -20,8 +30,11 @@ def unwritable(path: Path, folder: bool = False) -> str | None:
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
         return f"{parent} is a file, so {path} cannot be created; pick another path"
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable; pick another path"
+    try:  # what the file system says, not os.access (root may write where nothing can be made)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"{parent} is not writable ({e.strerror}); pick another path"
     return None
 
 
@@ -38,9 +51,12 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)

@@ -15,16 +15,29 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path`, decoded; a ValueError naming the path for every way that fails: no
+    such file, not an image, truncated, or a header claiming more pixels than Pillow's bomb
+    limit (a 69-byte PNG can claim 30000x30000)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: the image claims more pixels than this program reads "
+                         f"({Image.MAX_IMAGE_PIXELS * 2:,} at most): {e}") from e
+    except FileNotFoundError as e:
+        raise ValueError(f"{path}: no such file") from e
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some headers
+        raise ValueError(f"{path}: cannot be read as an image ({e})") from e
+
+
 def load_image(image: "Image.Image | str | Path", height: int, width: int) -> torch.Tensor:
     """Open, apply EXIF orientation, convert to RGB, resize to cover and centre-crop: [1,3,H,W]."""
     if height % 64 or width % 64:
         raise ValueError(f"image size must be a multiple of 64, got {height}x{width}")
     if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{image}: cannot be read as an image ({e})") from e
+        image = open_image(image)
     image = ImageOps.fit(rgb(image), (width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 

@@ -7,6 +7,7 @@ conditional ones). Guidance combines out = out_uncond + g * (out_cond - out_unco
 (Ho & Salimans 2022), as diffusers' StableDiffusionPipeline does.
 """
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def pick_device(name: str | None) -> torch.device:
         have = " or ".join(t for t, n in here.items() if n)
         raise ValueError(f"--device {name}: this machine has no such device; use {have}")
     return device
+
+
+def check_guidance(guidance: float) -> float:
+    """A ValueError unless the CFG scale is a finite number (0: the unconditional model; 1: the
+    prompt alone; the CLIs' --guidance says the same)."""
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance {guidance}: give a finite number (0: the unconditional "
+                         "model alone; 1: the prompt without guidance; 7.5: the default)")
+    return guidance
 
 
 def concept_rows(vectors: dict[str, torch.Tensor], width: int) -> torch.Tensor:
@@ -125,6 +135,7 @@ class Pipeline:
                callback: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
         """Run DDIM from x_T. `uncond`: one context, or one per step (null-text); one row serves
         all prompts. `callback(step, t, x)` returns the latents to go on from (as k-diffusion)."""
+        check_guidance(guidance)
         if ctrl is not None:
             ctrl.prompts, ctrl.steps = x.shape[0], steps
         ts = ddim.timesteps(steps, self.cfg.schedule)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from sd.cli import UsageError
 from sd.clip import TextEncoder
 from sd.config import PRESETS, ModelConfig, preset
 from sd.unet import UNet
@@ -30,8 +31,8 @@ FILES = {"unet": "unet/diffusion_pytorch_model", "vae": "vae/diffusion_pytorch_m
          "text_encoder": "text_encoder/model"}
 
 
-class WeightsError(ValueError):
-    """A weights file is missing, unreadable, or does not fit the model."""
+class WeightsError(UsageError):
+    """A weights file is missing, unreadable, or does not fit the model (exit code 2)."""
 
 
 @dataclass
@@ -51,13 +52,14 @@ def read(file: str | Path) -> dict[str, torch.Tensor]:
             return load_file(file)
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except SafetensorError as e:
-        raise WeightsError(f"{file}: cannot be read ({e}). The file is probably incomplete or "
-                           "corrupt: delete it and download it again (`make weights`).") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch's text would
+        raise WeightsError(f"{file}: cannot be read as safetensors ({e}): the file is incomplete "
+                           "or corrupt, or not safetensors; make or download it again") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, IndexError,
+            ValueError, UnicodeDecodeError) as e:  # torch's text would
         # advise weights_only=False, i.e. running whatever code the file holds: never say that
         raise WeightsError(f"{file}: cannot be read: not a checkpoint, or a truncated one, or one "
                            "holding objects besides tensors (never unpickled: they could run "
-                           "code). Delete it and download it again.") from e
+                           "code). Make or download it again.") from e
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise WeightsError(f"{file}: not a weights file (it holds a {type(sd).__name__}, not "
@@ -109,6 +111,7 @@ def check(module: nn.Module, sd: dict[str, torch.Tensor], name: str, source) -> 
     unexpected = sorted(set(sd) - set(want))
     shapes = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
     if not (missing or unexpected or shapes):
+        values(sd, name, source)
         return
     def few(keys, show=lambda k: k):
         return ", ".join(show(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
@@ -124,6 +127,18 @@ def check(module: nn.Module, sd: dict[str, torch.Tensor], name: str, source) -> 
     if name == "unet" and ctx in sd and sd[ctx].shape[1] == 768:
         lines.append("  This is an SD 1.x UNet (text context 768); this project runs SD 2.1.")
     raise WeightsError("\n".join(lines))
+
+
+def values(sd: dict[str, torch.Tensor], name: str, source) -> None:
+    """Raise a WeightsError for a tensor that is not floating point (an int32 weight is a broken
+    file, not something to cast) or holds NaN or infinity (it would draw black images)."""
+    for key, v in sd.items():
+        if not v.is_floating_point():
+            raise WeightsError(f"{source}: {name} tensor {key} is {str(v.dtype)[6:]}, not floating "
+                               "point: the file is broken or not SD weights; download it again")
+        if not v.isfinite().all():
+            raise WeightsError(f"{source}: {name} tensor {key} holds NaN or infinite values: the "
+                               "file is damaged (or the training diverged); use another copy")
 
 
 def state_dicts(path: str | Path, cfg: ModelConfig, prefer_fp16: bool = False) -> dict[str, dict]:

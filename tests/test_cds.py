@@ -91,12 +91,12 @@ def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
     out = tmp_path / "edited.png"
     r = run_python("-m", "recipes.cds", str(tmp_path / "nope.png"), "--source", "a",
                    "--target", "b", "--model", "tiny", "-o", str(out))
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr and not out.exists()  # what this test made, not the tree
     Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
     r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
                    "--target", "b", "--model", "tiny", "-o", str(tmp_path / "out.xyz"))
-    assert r.returncode == 1 and "extension" in r.stderr and "model:" not in r.stderr
+    assert r.returncode == 2 and "extension" in r.stderr and "model:" not in r.stderr
     r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
                    "--target", "b", "-o", str(tmp_path))
     assert r.returncode == 2 and "folder" in r.stderr

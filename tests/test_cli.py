@@ -49,9 +49,9 @@ def test_bad_weights_and_words_are_one_line_errors(tmp_path):
     bad = tmp_path / "v2-1_768-ema-pruned.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     r = run("a prompt", "--weights", str(bad), "--steps", "1")
-    assert r.returncode == 1 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
     r = run("a red circle", "--model", "tiny", "--heatmap", "square", "--steps", "1")
-    assert r.returncode == 1 and "'square' not found" in r.stderr
+    assert r.returncode == 2 and "'square' not found" in r.stderr
 
 
 def test_help():

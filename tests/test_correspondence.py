@@ -120,11 +120,11 @@ def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
     Image.new("RGB", (80, 64)).save(tmp_path / "a.png")
     r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"),
                    str(tmp_path / "nope.png"), "--point", "1", "1", "--model", "tiny")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nope.png" in r.stderr and "Traceback" not in r.stderr
     r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"), str(tmp_path / "a.png"),
                    "--point", "5", "1", "--model", "tiny")  # x 5 is cropped away (80 -> centre 64)
-    assert r.returncode == 1 and "outside" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "outside" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_end_to_end_on_tiny(tmp_path):

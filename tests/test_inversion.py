@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sd import ddim
+from sd.cli import run
 from sd.config import TINY
 from sd.pipeline import Pipeline
 from sd.weights import Models
@@ -243,17 +244,20 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert null_text.main([str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
+    def main(*argv: str) -> int:
+        return run(null_text.main, list(argv))
+
+    assert main(str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny") == 2
     assert "missing.jpg: no such file" in capsys.readouterr().err
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    assert null_text.main([str(tmp_path / "bad.jpg"), "--prompt", "x", "--model", "tiny"]) == 1
+    assert main(str(tmp_path / "bad.jpg"), "--prompt", "x", "--model", "tiny") == 2
     assert "cannot be read as an image" in capsys.readouterr().err
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
-    assert null_text.main([str(tmp_path / "ok.png"), "--prompt", "x", "--model", "tiny",
-                    "--width", "100"]) == 1
+    assert main(str(tmp_path / "ok.png"), "--prompt", "x", "--model", "tiny", "--width",
+                "100") == 2
     assert "multiple of 64" in capsys.readouterr().err
-    assert null_text.main([str(tmp_path / "ok.png"), "--prompt", "x", "--weights",
-                    str(tmp_path / "nowhere")]) == 2
+    assert main(str(tmp_path / "ok.png"), "--prompt", "x", "--weights",
+                str(tmp_path / "nowhere")) == 2
     assert "make weights MODEL=sd2.1-base" in capsys.readouterr().err
     r = run_cli(str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny")
-    assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sd.cli import run
 from toy import concepts, metrics, scenes
 
 WEIGHTS = Path(os.environ.get("TOY_WEIGHTS", "weights/toy"))
@@ -144,7 +145,7 @@ def test_without_a_toy_model_make_swap_says_what_to_provide(capsys):
     from toy import swap as toy  # noqa: PLC0415
 
     for main in (toy.main, evaluate.main):
-        assert main(["--weights", "no/such/folder"]) == 1
+        assert run(main, ["--weights", "no/such/folder"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: no toy model at no/such/folder") and "\n" not in err
 

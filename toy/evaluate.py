@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 
 from photoswap.swap import METHODS
+from sd import cli
+from sd.config import TOY
 from sd.files import atomic_write
 from sd.images import grid, save_image
 from sd.pipeline import Pipeline
@@ -137,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pictures", type=Path, default=Path("out/eval"),
                    help="where each concept's outputs (a grid) and results.json go (out/eval)")
     p.add_argument("-q", "--quiet", action="store_true")
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    if message := toyswap.missing(args.weights):
-        print(message, file=sys.stderr)
-        return 1
     if args.scenes < 1:
-        print("error: --scenes: give 1 or more", file=sys.stderr)
-        return 1
+        raise cli.UsageError("--scenes: give 1 or more")
+    cli.writable(args.out)
+    cli.writable(args.pictures, "--pictures", folder=True)
+    toyswap.check_model(args.weights)
+    cli.threads(args.threads, TOY)
     started = time.time()
     result = evaluate(args.weights, args.scenes, args.concepts, args.cache, args.pictures,
                       not args.quiet)
@@ -158,4 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -4,10 +4,10 @@
     python -m toy.swap --concept striped-heart --scene 3 -o out/toy/swap
 
 Steps: DreamBooth the concept (toy/concepts.py: 5 reference images, "a photo of sks <class>") into
-out/toy/concepts/<name>/model, cached with the recipe and digests of the base weights and the
-reference images; draw held-out scene --scene (toy/scenes.py's test split, one subject); null-text
-invert it with the concept model (as the official code does); swap its subject ("a red circle" -> "a
-sks star") with `photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the
+out/toy/concepts/<name>-<base digest>/model, cached with the recipe and a digest of the reference
+images; draw held-out scene --scene (toy/scenes.py's test split, one subject); null-text invert it
+with the concept model (as the official code does); swap its subject ("a red circle" -> "a sks
+star") with `photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the
 inversion; score each output (toy/metrics.py): background PSNR against the background render,
 layout IoU against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap |
 p2p | none, then the references) and metrics.json to -o, and prints the metrics.
@@ -29,10 +29,13 @@ from PIL import Image
 from photoswap.control import PRESETS, Settings
 from photoswap.swap import METHODS, Pair, method_settings, replace_words, run
 from photoswap.visual import label
-from sd.config import preset
+from sd import cli
+from sd.cli import UsageError
+from sd.config import TOY, preset
 from sd.files import atomic_write
 from sd.images import grid, save_image, to_pil
 from sd.pipeline import Pipeline
+from sd.weights import detect_preset
 from toy import concepts, metrics, scenes
 from train.inversion import Inversion, invert
 
@@ -76,11 +79,13 @@ def digest(weights: Path) -> str:
 
 def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"),
                   quiet: bool = True) -> Path:
-    """The DreamBooth'd model folder of a concept, trained on first use and cached in root/name
-    (retrained when the recipe, the base weights or the concept's reference images change)."""
-    folder = root / name
+    """The DreamBooth'd model folder of a concept, trained on first use and cached in
+    root/NAME-BASE, BASE a digest of the base model's files, so that another base model never
+    evicts this one's (retrained when the recipe or the concept's reference images change)."""
+    base = digest(weights)
+    folder = root / f"{name}-{base[:8]}"
     pictures = hashlib.sha256(b"".join(im.tobytes() for im, _ in concepts.references(name)))
-    recipe = {"concept": name, "base": digest(weights), "references": pictures.hexdigest()[:16],
+    recipe = {"concept": name, "base": base, "references": pictures.hexdigest()[:16],
               **DREAMBOOTH}
     stamp = folder / "recipe.json"
     if (folder / "model" / "MODEL").is_file() and stamp.is_file():
@@ -101,12 +106,17 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     return folder / "model"
 
 
-def missing(weights: Path) -> str | None:
-    """The error line for a --weights folder that holds no toy model, else None."""
-    if (weights / "unet").is_dir():
-        return None
-    return (f"error: no toy model at {weights} (no unet/ there): give --weights a folder with "
-            "unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)")
+def check_model(weights: Path) -> None:
+    """A UsageError (or WeightsError) unless `weights` is a toy model that loads; checked before
+    any DreamBooth, so a wrong folder never costs a training run or a cached concept."""
+    if not (weights / "unet").is_dir():
+        raise UsageError(f"no toy model at {weights} (no unet/ there): give --weights a folder "
+                         "with unet/, vae/ and text_encoder/ (weights/toy; make toy retrains it)")
+    name, _ = detect_preset(weights)
+    if name != "toy":
+        raise UsageError(f"{weights} is not a toy model (its MODEL file does not say preset=toy; "
+                         f"read as {name}): the toy swap runs on weights/toy or a copy of it")
+    load(weights)  # a WeightsError says what does not fit
 
 
 def load(weights: Path) -> Pipeline:
@@ -173,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                    "on black stripes)")
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"),
                    help="where DreamBooth'd concepts are kept")
-    p.add_argument("-o", "--out", type=Path, default=Path("out/swap"))
+    p.add_argument("-o", "--out", type=Path, default=Path("out/swap"),
+                   help="output folder (out/swap)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    if message := missing(args.weights):
-        print(message, file=sys.stderr)
-        return 1
     if args.scene < 0:
-        print("error: --scene: give 0 or more", file=sys.stderr)
-        return 1
+        raise UsageError("--scene: give 0 or more")
+    cli.writable(args.out, folder=True)
+    check_model(args.weights)
+    cli.threads(args.threads, TOY)
     started = time.time()
     model = concept_model(args.concept, args.weights, args.cache, quiet=False)
     trained = time.time()
@@ -226,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -2,5 +2,4 @@
 personalisation. Each method has its own CLI (`python -m train.null_text ...`)."""
 
 
-class UsageError(ValueError):
-    """Bad input from the command line or its files: the CLIs print it as one `error:` line."""
+from sd.cli import UsageError  # noqa: F401 (bad input: one `error:` line, exit code 2)

@@ -10,6 +10,7 @@ that names it. save_weights writes components in the diffusers layout that sd.we
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sd.config import ModelConfig
-from sd.files import atomic_write, fsync
+from sd.files import atomic_write, fsync, umask_mode
 from sd.weights import FILES, diffusers_config, read
 from train import UsageError
 
@@ -37,6 +38,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         for folder, _, files in os.walk(tmp):
+            for name in files:  # safetensors creates 0600: the umask's mode, as any other file
+                os.chmod(Path(folder, name), umask_mode())
             for name in [*files, "."]:
                 fsync(Path(folder, name))
         shutil.rmtree(old, ignore_errors=True)
@@ -127,19 +130,34 @@ def expect(folder: Path, files: list[str], what: str) -> None:
 
 
 def training_state(step: int, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   gen: torch.Generator, seconds: float = 0.0) -> dict:
-    """Everything besides the weights that a bit-exact resume needs, and the training time so
-    far; tensors and plain types only, so it loads with torch.load(weights_only=True)."""
+                   gen: torch.Generator, seconds: float = 0.0,
+                   settings: dict | None = None) -> dict:
+    """Everything besides the weights that a bit-exact resume needs, the training time so far
+    and the settings a resume must share; tensors and plain types only, so it loads with
+    torch.load(weights_only=True)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"step": step, "seconds": seconds, "optimizer": opt.state_dict(),
+    return {"step": step, "seconds": seconds, "settings": settings or {},
+            "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": {"data": gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
 
 
 def restore(folder: Path, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            gen: torch.Generator) -> tuple[int, float]:
-    """Load a training_state() from a checkpoint folder; returns its step and seconds."""
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            gen: torch.Generator, settings: dict | None = None) -> tuple[int, float]:
+    """Load a training_state() from a checkpoint folder; returns its step and seconds. A
+    UsageError for a damaged state.pt, or for `settings` that differ from the saved ones."""
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise UsageError(f"--resume: {folder / 'state.pt'} cannot be read ({why}): resume from "
+                         f"an earlier checkpoint in {folder.parent}, or start afresh") from None
+    saved = state.get("settings") or {}  # older checkpoints did not keep them
+    if differ := [k for k in saved if settings and k in settings and saved[k] != settings[k]]:
+        given = ", ".join(f"--{k.replace('_', '-')} {settings[k]} (it had {saved[k]})"
+                          for k in differ)
+        raise UsageError(f"--resume: {folder} was trained with other settings: {given}; "
+                         "resume with its settings, or start afresh in another -o folder")
     opt.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved without fp16
         scaler.load_state_dict(state["scaler"])

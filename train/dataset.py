@@ -61,7 +61,7 @@ class ImageFolder:
             except UnidentifiedImageError:
                 skipped.append(f"{f.name} (not an image)")
                 continue
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 skipped.append(f"{f.name} ({'truncated' if 'truncat' in str(e).lower() else e})")
                 continue
             w, h = image.size

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd import ddim
+from sd.cli import threads
 from sd.config import DTYPES, ModelConfig, preset
 from sd.images import grid, save_image
 from sd.pipeline import Pipeline, pick_device
@@ -163,6 +164,14 @@ class Settings:
     seed: int = 0  # of the data generator the loss draws from
     quiet: bool = False
 
+    # What a resumed run must share with the run it resumes to continue it bit for bit (steps
+    # may grow: a longer run of a constant schedule; the cosine one says so through final_lr).
+    TRAJECTORY = ("lr", "grad_accum", "warmup_steps", "schedule", "final_lr", "weight_decay",
+                  "max_grad_norm", "precision", "seed")
+
+    def trajectory(self) -> dict:
+        return {name: getattr(self, name) for name in self.TRAJECTORY}
+
     @classmethod
     def of(cls, args: argparse.Namespace) -> "Settings":
         """From a trainer's options; those it does not have (the schedule, weight decay) keep
@@ -232,10 +241,14 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
     first, seconds = 0, 0.0
     if s.resume:
         folder = checkpoints.find(s.out, s.resume)
-        load(folder)
-        if ema is not None:
-            ema.load(folder)
-        first, seconds = checkpoints.restore(folder, opt, scaler, gen)
+        try:
+            load(folder)
+            if ema is not None:
+                ema.load(folder)
+        except WeightsError as e:
+            raise UsageError(f"--resume: {folder}'s weights cannot be read ({e}); resume from "
+                             f"an earlier checkpoint in {s.out}, or start afresh") from None
+        first, seconds = checkpoints.restore(folder, opt, scaler, gen, s.trajectory())
         run.say(f"resumed from {folder} at step {first}")
     log = s.out / "log.csv"
     if evaluate is not None and run.main:
@@ -275,7 +288,8 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
             run.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in row.items()))
         if run.main and keep:
-            state = checkpoints.training_state(done, opt, scaler, gen, time.monotonic() - start)
+            state = checkpoints.training_state(done, opt, scaler, gen, time.monotonic() - start,
+                                               s.trajectory())
             checkpoints.save(s.out, done, write_weights, state, s.keep)
         if run.main and look:
             with run.autocast(s.precision):
@@ -296,6 +310,7 @@ def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
     side = args.resolution or cfg.resolution
     if side % cfg.vae.factor:
         raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
+    threads(getattr(args, "threads", None), cfg)
     return run, cfg, side
 
 

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from sd import cli
 from sd.config import DTYPE_NAMES, PRESETS
 
 
@@ -31,8 +32,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="multiple of 64 (default: the model's resolution)")
     p.add_argument("--width", type=int, help="multiple of 64 (default: the model's resolution)")
     p.add_argument("--seed", type=int, default=0, help="seeds --model tiny's random weights")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cli.add_threads(p)
     return p.parse_args(argv)
 
 
@@ -52,55 +55,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
     import torch
-    from PIL import Image
 
     from sd import ddim
     from sd.config import DTYPES
-    from sd.files import unwritable
-    from sd.images import load_image, rgb
-    from sd.pipeline import Pipeline, default_device_dtype
-    from sd.weights import WeightsError, resolve
+    from sd.images import load_image, open_image, rgb
+    from sd.pipeline import Pipeline, default_device_dtype, pick_device
+    from sd.weights import resolve
     from train.inversion import MAX_STEPS, invert, psnr, reconstruct, save
 
-    if not args.image.is_file():
-        print(f"error: {args.image}: no such file", file=sys.stderr)
-        return 1
-    try:
-        cfg, weights, why = resolve(args.model, args.weights)
-    except WeightsError as e:  # says how to download them
-        print(e, file=sys.stderr)
-        return 2
-    out = args.output or args.image.with_suffix(".inv")
+    # Everything that can be checked before the model loads.
+    cfg, weights, why = resolve(args.model, args.weights)
+    out = cli.writable(args.output or args.image.with_suffix(".inv"))
     h, w = args.height or cfg.resolution, args.width or cfg.resolution
-    try:  # everything that can be checked before the model loads
-        checks = [(not math.isfinite(args.guidance), "--guidance: give a finite number"),
-                  (args.inner_steps < 0, "--inner-steps: give 0 or more"),
-                  (not args.fast and args.steps > MAX_STEPS, f"--steps {args.steps}: null-text "
-                   f"inversion takes at most {MAX_STEPS} (its lr schedule); --fast takes more")]
-        if problem := unwritable(out) or next((m for failed, m in checks if failed), None):
-            raise ValueError(problem)
-        ddim.timesteps(args.steps, cfg.schedule)
-        image = load_image(args.image, h, w)  # a photo that cannot be read: say so now
-        with Image.open(args.image) as photo:
-            warning = fit_warning(rgb(photo).size, h, w)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if warning:
+    checks = [(not math.isfinite(args.guidance), "--guidance: give a finite number"),
+              (args.inner_steps < 0, "--inner-steps: give 0 or more"),
+              (not args.fast and args.steps > MAX_STEPS, f"--steps {args.steps}: null-text "
+               f"inversion takes at most {MAX_STEPS} (its lr schedule); --fast takes more")]
+    if problem := next((m for failed, m in checks if failed), None):
+        raise cli.UsageError(problem)
+    ddim.timesteps(args.steps, cfg.schedule)
+    image = load_image(args.image, h, w)  # a photo that cannot be read: say so now
+    if warning := fit_warning(rgb(open_image(args.image)).size, h, w):
         print(f"warning: {args.image}: {warning}", file=sys.stderr)
-    device, dtype = default_device_dtype()
-    dtype = DTYPES[args.dtype] if args.dtype else dtype
+    device = pick_device(args.device)
+    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else fallback
+    n = cli.threads(args.threads, cfg)
     print(f"model: {cfg.name} ({cfg.schedule.prediction}; {why}) on {device} in "
-          f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    try:
-        torch.manual_seed(args.seed)  # only random (tiny) weights draw from it
-        pipe = Pipeline.load(cfg, weights, device, dtype)
-        latent = pipe.encode(args.image, h, w)
-        inv = invert(pipe, latent, args.prompt, args.steps, args.guidance, args.fast,
-                     args.inner_steps, progress=not args.quiet)
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+          f"{str(dtype).removeprefix('torch.')}" +
+          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
+    torch.manual_seed(args.seed)  # only random (tiny) weights draw from it
+    pipe = Pipeline.load(cfg, weights, device, dtype)
+    latent = pipe.encode(args.image, h, w)
+    inv = invert(pipe, latent, args.prompt, args.steps, args.guidance, args.fast,
+                 args.inner_steps, progress=not args.quiet)
     save(inv, out)
     rec, vae = (psnr(pipe.decode(z), image) for z in (reconstruct(pipe, inv), latent))
     print(f"wrote {out} ({inv.method}, {inv.steps} steps, guidance {inv.guidance})\n"
@@ -109,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from sd import cli
 from sd.config import DTYPE_NAMES, PRESETS
 from sd.files import unwritable
-from train import UsageError
 
 
 def parser(prog: str, description: str, epilog: str, lr: float, steps: int,
@@ -68,6 +68,7 @@ def parser(prog: str, description: str, epilog: str, lr: float, steps: int,
     p.add_argument("--device", help="cuda or cpu (default: cuda if present); under torchrun, "
                    "each process takes cuda:LOCAL_RANK")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cli.add_threads(p)
     return p
 
 
@@ -102,16 +103,18 @@ def main(prog: str, parse: Callable[[list[str] | None], argparse.Namespace], met
     """`prog` (the command) parses, then runs train(args) of the module `method` (e.g.
     "train.finetune"), imported only
     now so that --help and usage errors answer before torch loads. A UsageError or WeightsError
-    is printed as one `error:` line (exit code 2); Ctrl-C says how to resume (exit code 130)."""
+    is printed as one `error:` line (exit code 2), a failure of the disk or memory too (exit code
+    1, sd.cli's policy); Ctrl-C says how to resume (exit code 130)."""
     args = parse(argv)
     train = importlib.import_module(method).train
-    from sd.weights import WeightsError
-
     try:
         train(args)
-    except (UsageError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # UsageError, WeightsError: what was given
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        return cli.USAGE
+    except (OSError, MemoryError) as e:
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        return cli.FAILED
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank speaks
             print(interrupted(prog, args.out, sys.argv[1:] if argv is None else argv),

@@ -1,0 +1,113 @@
+"""What every command line of the project shares: errors and exit codes, the thread policy, and
+checks of the paths a command will write. Imports nothing heavy, so `--help` and usage errors
+answer before torch loads.
+
+Exit codes, one policy for every entry point (`run`):
+    2    what the user gave is wrong (an argument, a file, the weights): ValueError, which
+         UsageError and sd.weights.WeightsError are; printed as one `error:` line;
+    1    the work failed (a disk that fills, a folder that goes away, memory): OSError,
+         MemoryError, out of GPU memory; one `error:` line;
+    130  interrupted (Ctrl-C): one line; every file is written atomically, so nothing is left
+         half-written.
+Anything else is a bug and keeps its traceback.
+
+Threads (`threads`): two OpenMP threads on two busy cores spin and run 5-80x slower than one
+(BENCHMARKS.md, "Threads"). Small models (the tiny and toy presets: a UNet call is a few
+milliseconds, too little to share) run on one thread by default; SD-size models keep torch's
+default, all cores. `--threads N`, else TORCH_THREADS, else OMP_NUM_THREADS (which torch reads
+itself), overrides the default.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+USAGE, FAILED, INTERRUPTED = 2, 1, 130
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or the files it names: one `error:` line, exit code 2."""
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, ValueError) else " ".join(text.split())
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """main(argv)'s exit code, with the policy above for what it raises."""
+    try:
+        return main(argv) or 0
+    except ValueError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return USAGE
+    except (OSError, MemoryError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        print("interrupted (nothing half-written is left)", file=sys.stderr)
+        return INTERRUPTED
+    except RuntimeError as e:
+        if "out of memory" not in str(e):
+            raise
+        print(f"error: out of memory: {one_line(e)[:200]}", file=sys.stderr)
+        return FAILED
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive, metavar="N", help="CPU threads for torch (default: "
+                   "1 for the tiny and toy models, all cores for SD; TORCH_THREADS and "
+                   "OMP_NUM_THREADS are honoured)")
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of 1 or more, not {text!r}")
+    return n
+
+
+def small(cfg) -> bool:
+    """Whether a model's calls are too small to share between threads (tiny, toy)."""
+    return max(cfg.unet.channels) <= 128
+
+
+def threads(requested: int | None = None, cfg=None) -> int:
+    """Apply the thread policy (module docstring) for a model config; returns the count used."""
+    import torch
+
+    env = os.environ.get("TORCH_THREADS")
+    if requested is None and env:
+        requested = positive(env)
+    if requested is None and "OMP_NUM_THREADS" not in os.environ and cfg is not None:
+        requested = 1 if small(cfg) else None
+    if requested is not None and requested != torch.get_num_threads():
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
+def writable(path: Path, flag: str = "-o", folder: bool = False) -> Path:
+    """`path` if it can be written (as a file, or a folder); a UsageError saying why not."""
+    from sd.files import unwritable
+
+    if problem := unwritable(path, folder=folder):
+        raise UsageError(f"{flag}: {problem}")
+    return path
+
+
+def size_warning(height: int | None, width: int | None, cfg, batch: int = 1) -> str | None:
+    """A line to print before a run much larger than the model was made for (None otherwise):
+    convolutions grow with the pixels, self-attention with their square."""
+    pixels = (height or cfg.resolution) * (width or cfg.resolution) * batch
+    ratio = pixels / cfg.resolution**2
+    if ratio <= 4:
+        return None
+    return (f"{height or cfg.resolution}x{width or cfg.resolution} (x{batch}) is {ratio:.0f}x the "
+            f"pixels of {cfg.name}'s {cfg.resolution}x{cfg.resolution}: expect {ratio:.0f}x "
+            f"(convolutions) to {ratio**2:.0f}x (self-attention) the time and memory of a step")
