@@ -15,6 +15,7 @@ from PIL import Image
 from photoswap.align import subject_indices
 from photoswap.swap import Pair, control, replace_words, run, settings_for
 from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
+from sd import ddim
 from sd.attention import Site
 from sd.cli import size_warning, threads
 from sd.config import DTYPES
@@ -61,6 +62,8 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     blend = False if args.no_blend else True if args.blend_start is None else args.blend_start
     settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
     mask = user_mask(args.mask) if args.mask else None
+    if args.steps is not None:
+        ddim.timesteps(args.steps, cfg.schedule)  # a step count the schedule cannot take: now
 
     device = pick_device(args.device)
     fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
