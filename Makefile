@@ -25,7 +25,7 @@ mutants: $(STAMP)  ## plant each bug of tests/mutants.py in a copy; every one mu
 	$(BIN)/python tests/mutants.py
 
 run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
-	$(BIN)/python -m sd "$(PROMPT)" --model $(MODEL) --weights weights/$(MODEL) -o out/sample.png
+	$(BIN)/python -m sd "$(PROMPT)" --model $(MODEL) --weights weights/$(MODEL) -o out/sample.png $(T)
 
 weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights/README.md)
 	$(BIN)/python weights/fetch.py $(MODEL)
@@ -41,6 +41,9 @@ SWAP_PROMPT ?= a photo of a cat
 SUBJECT ?= cat
 CONCEPT ?= sks dog
 SWAP_ARGS ?=
+# torch threads for every command below (empty: sd/cli.py's policy, 1 for the toy model)
+THREADS ?=
+T = $(if $(THREADS),--threads $(THREADS))
 
 toy-weights:
 	@test -f "$(SWAP_WEIGHTS)" -o -e "$(SWAP_WEIGHTS)/unet" || { \
@@ -54,16 +57,16 @@ toy-weights:
 	  exit 1; }
 
 TOY_SWAP = $(BIN)/python -m toy.swap --weights "$(SWAP_WEIGHTS)" --concept $(TOY_CONCEPT) \
-  --scene $(SCENE) -o out/swap $(SWAP_ARGS)
+  --scene $(SCENE) -o out/swap $(T) $(SWAP_ARGS)
 swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metrics or settings)
 	@if grep -qs '^preset=toy' "$(SWAP_WEIGHTS)/MODEL"; then echo '$(TOY_SWAP)'; $(TOY_SWAP); \
 	else set -x; $(BIN)/python -m photoswap "$(SWAP_PROMPT)" --subject $(SUBJECT) \
 	  --concept "$(CONCEPT)" --weights "$(SWAP_WEIGHTS)" -o out/swap --heatmap --layout \
-	  $(SWAP_ARGS); fi
+	  $(T) $(SWAP_ARGS); fi
 
 EVAL_SCENES ?= 4
 eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~10 CPU min)
-	$(BIN)/python -m toy.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES)
+	$(BIN)/python -m toy.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES) $(T)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules

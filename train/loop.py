@@ -30,7 +30,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.cli import threads
 from sd.config import DTYPES, ModelConfig, preset
 from sd.images import grid, save_image
 from sd.pipeline import Pipeline, pick_device
@@ -310,7 +309,6 @@ def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
     side = args.resolution or cfg.resolution
     if side % cfg.vae.factor:
         raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
-    threads(getattr(args, "threads", None), cfg)
     return run, cfg, side
 
 

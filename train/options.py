@@ -107,7 +107,10 @@ def main(prog: str, parse: Callable[[list[str] | None], argparse.Namespace], met
     1, sd.cli's policy); Ctrl-C says how to resume (exit code 130)."""
     args = parse(argv)
     train = importlib.import_module(method).train
+    from sd.weights import resolve
+
     try:
+        cli.threads(args.threads, resolve(args.model, args.weights)[0])
         train(args)
     except ValueError as e:  # UsageError, WeightsError: what was given
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
