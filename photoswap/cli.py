@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from photoswap.align import subject_indices
-from photoswap.swap import Pair, control, replace_words, run, settings_for
+from photoswap.swap import Pair, control, replace_words, run, settings_for, subjects_of
 from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
 from sd import ddim
 from sd.attention import Site
 from sd.cli import size_warning, threads
 from sd.config import DTYPES
+from sd.controls import Combined
 from sd.files import atomic_write
 from sd.images import grid, load_image, open_image, overlay, save_image, to_pil
 from sd.pipeline import Pipeline, default_device_dtype, pick_device
@@ -101,12 +102,12 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     latent_hw = tuple(x_T.shape[2:])
     pair = Pair(args.prompt, target, args.subject, args.concept, x_T, uncond)
 
-    recorder = args.heatmap or args.layout
-    ctrl = control(pipe, [pair], settings, args.explicit, mask,
-                   **({"kind": Recorder, "latent_hw": latent_hw,
-                       "layout_level": 1 if args.layout else None} if recorder else {}))
-    latents, ctrl = run(pipe, [pair], settings, steps, guidance, args.explicit, mask,
-                        args.negative, ctrl, progress)
+    ctrl = control(pipe, [pair], settings, args.explicit, mask)
+    recorder = Recorder(subjects_of(pipe, [pair]), latent_hw, 1 if args.layout else None)
+    if args.heatmap or args.layout:  # beside the swap: the branches' own maps
+        ctrl = Combined(ctrl, recorder)
+    latents, _ = run(pipe, [pair], settings, steps, guidance, args.explicit, mask,
+                     args.negative, ctrl, progress)
     source, swapped = to_pil(pipe.decode(latents))
     pictures = {"swap.png": swapped, "source.png": source}
     row = [label(photo, "photo")] if photo else []
@@ -114,12 +115,12 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
     row += [label(source, "source"), label(swapped, caption)]
     pictures["grid.png"] = grid([row])
     if args.heatmap:
-        heat = normalise(ctrl.heat.float()).cpu()
+        heat = normalise(recorder.heat.float()).cpu()
         pictures["heat.png"] = grid([[label(overlay(source, heat[0]), " ".join(args.subject)),
                                       label(overlay(swapped, heat[1]), " ".join(args.concept))]])
     if args.layout:
         hw = Site("layout", "self", "any", 1).shape(latent_hw)
-        rgb = to_pil(layout_rgb(ctrl.layout, hw))
+        rgb = to_pil(layout_rgb(recorder.layout, hw))
         size = source.size
         pictures["layout.png"] = grid([[label(im.resize(size, Image.Resampling.NEAREST), name)
                                         for im, name in zip(rgb, ("source", "swap"))]])

@@ -15,6 +15,7 @@ import torch
 
 from photoswap.align import refinement, subject_indices
 from photoswap.control import PRESETS, PhotoSwap, Settings, no_swap, p2p
+from sd.attention import Control
 from sd.pipeline import Pipeline
 
 METHODS = ("photoswap", "p2p", "none")
@@ -64,22 +65,26 @@ def replace_words(prompt: str, words: list[str], concepts: list[str]) -> str:
     return re.sub(pattern, lambda m: table[m.group(1).lower()], prompt, flags=re.IGNORECASE)
 
 
+def subjects_of(pipe: Pipeline, pairs: list[Pair]) -> list[tuple[list[int], list[int]]]:
+    """Per pair, the token positions of the source's subject words and the target's concept."""
+    tok = pipe.tokenizer
+    return [(subject_indices(tok, p.source, p.source_words),
+             subject_indices(tok, p.target, p.target_words)) for p in pairs]
+
+
 def control(pipe: Pipeline, pairs: list[Pair], settings: Settings, explicit: bool = False,
-            user_mask: torch.Tensor | None = None, kind: type[PhotoSwap] = PhotoSwap,
-            **kw) -> PhotoSwap:
+            user_mask: torch.Tensor | None = None) -> PhotoSwap:
     """The swap control for these pairs (token alignment and subject positions from the
     tokenizer)."""
-    tok = pipe.tokenizer
-    mappers = [refinement(tok, p.source, p.target) for p in pairs]
-    subjects = [(subject_indices(tok, p.source, p.source_words),
-                 subject_indices(tok, p.target, p.target_words)) for p in pairs]
-    return kind(settings, mappers, subjects, user_mask=user_mask, explicit=explicit, **kw)
+    mappers = [refinement(pipe.tokenizer, p.source, p.target) for p in pairs]
+    return PhotoSwap(settings, mappers, subjects_of(pipe, pairs), user_mask=user_mask,
+                     explicit=explicit)
 
 
 @torch.no_grad()
 def run(pipe: Pipeline, pairs: list[Pair], settings: Settings, steps: int = 50,
         guidance: float = 7.5, explicit: bool = False, user_mask: torch.Tensor | None = None,
-        negative: str = "", ctrl: PhotoSwap | None = None,
+        negative: str = "", ctrl: Control | None = None,
         progress: bool = False) -> tuple[torch.Tensor, PhotoSwap]:
     """Sample every pair's source and target together: latents [sources..., targets...]."""
     ctrl = ctrl or control(pipe, pairs, settings, explicit, user_mask)

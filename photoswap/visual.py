@@ -15,26 +15,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from photoswap.control import PhotoSwap, Settings
+from photoswap.control import Settings
 from photoswap.swap import Pair, run
 from sd.attention import attention_map
+from sd.controls import Observer
 from sd.pipeline import Pipeline, rows
 
 
-class Recorder(PhotoSwap):
-    """The swap control, also keeping each branch's own (unedited) maps for the pictures.
+class Recorder(Observer):
+    """Each branch's own (unedited) maps for the pictures, run beside the swap with
+    sd.controls.Combined: the subject words' cross maps, and the self maps of one level.
 
+    `subjects`: per pair, (source token positions, target token positions) (the swap control's);
     `latent_hw` is the latent's size; `layout_level` the level whose self maps are averaged
     (level 1: 32x32 tokens at 512 px, 1024^2 per map, 2304^2 at 768 px).
     """
 
-    def __init__(self, *args, latent_hw: tuple[int, int], layout_level: int | None = 1, **kw):
-        super().__init__(*args, **kw)
-        self.latent_hw, self.layout_level = latent_hw, layout_level
+    def __init__(self, subjects: list[tuple[list[int], list[int]]], latent_hw: tuple[int, int],
+                 layout_level: int | None = 1):
+        super().__init__()
+        self.subjects, self.latent_hw, self.layout_level = subjects, latent_hw, layout_level
         self.heat: torch.Tensor | None = None  # [prompts, h, w]
         self.layout: torch.Tensor | None = None  # [prompts, N, N]
 
-    def __call__(self, q, k, v, site):
+    def observe(self, q, k, v, site):
         cond = rows(q.shape[0], self.prompts, "cond")
         if site.kind == "cross":
             attn = attention_map(q[cond], k[cond]).mean(1)  # [prompts, N, 77]
@@ -46,7 +50,6 @@ class Recorder(PhotoSwap):
         elif site.level == self.layout_level:
             attn = attention_map(q[cond], k[cond]).mean(1)
             self.layout = attn if self.layout is None else self.layout + attn
-        return super().__call__(q, k, v, site)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:

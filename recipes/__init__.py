@@ -1,6 +1,6 @@
 """Research built on the `sd` attention interface, one file per method.
 
-- heat maps (DAAM, Tang et al. 2023): `sd.pipeline.HeatMap` and `python -m sd --heatmap` (one
+- heat maps (DAAM, Tang et al. 2023): `sd.controls.HeatMap` and `python -m sd --heatmap` (one
   implementation, in sd, because the text-to-image CLI uses it too); `recipes.heatmap` reads it
   for a given image and scores it on the toy world;
 - `recipes.correspondence`: unsupervised semantic correspondence (Hedlin et al., NeurIPS 2023);

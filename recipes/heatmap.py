@@ -1,6 +1,6 @@
 """Heat maps of a given image (DAAM, Tang et al. 2023) and their evaluation on the toy world.
 
-The heat map itself is `sd.pipeline.HeatMap` (one implementation; `python -m sd --heatmap` draws it
+The heat map itself is `sd.controls.HeatMap` (one implementation; `python -m sd --heatmap` draws it
 for generated images). Here it is read for an image the model did not generate: the image's
 latent is noised to each timestep of a DDIM schedule (one shared noise) and denoised once with
 its caption, the control recording as during sampling. On the toy world the subject's exact
@@ -50,7 +50,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sd import ddim  # noqa: E402
-from sd.pipeline import HeatMap, Pipeline  # noqa: E402
+from sd.controls import HeatMap  # noqa: E402
+from sd.pipeline import Pipeline  # noqa: E402
 from toy import heldout  # noqa: E402
 
 

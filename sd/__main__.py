@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from sd import ddim
     from sd.config import DTYPES
+    from sd.controls import HeatMap
     from sd.images import grid, image_format, overlay, save_image
-    from sd.pipeline import HeatMap, Pipeline, concept_rows, default_device_dtype, pick_device
+    from sd.pipeline import Pipeline, concept_rows, default_device_dtype, pick_device
     from sd.tokenizer import Tokenizer
     from sd.weights import read, resolve
 

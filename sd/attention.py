@@ -90,29 +90,6 @@ class Control:
         return attention(q, k, v)
 
 
-class StoreMaps(Control):
-    """Records attention maps per step and site while leaving outputs unchanged.
-
-    maps[step][site.name] is [B, H, Nq, Nk] (or [B, Nq, Nk] with `head_mean`), fp32. `keep`
-    chooses which sites to record (default: cross-attention only; self maps at 64x64 latents are
-    4096^2 per head). Unrecorded sites run the fused kernel.
-    """
-
-    def __init__(self, keep=lambda site: site.kind == "cross", head_mean: bool = True,
-                 device: str | torch.device | None = "cpu") -> None:
-        super().__init__()
-        self.keep, self.head_mean, self.device = keep, head_mean, device
-        self.maps: dict[int, dict[str, torch.Tensor]] = {}
-
-    def __call__(self, q, k, v, site):
-        if not self.keep(site):
-            return attention(q, k, v)
-        attn = attention_map(q, k)
-        stored = attn.mean(1) if self.head_mean else attn
-        self.maps.setdefault(self.step, {})[site.name] = stored.detach().to(self.device)
-        return apply_map(attn, v)
-
-
 class Attention(nn.Module):
     """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0). The UNet
     sets `site` at construction; the VAE's mid-block variant has biases on q, k, v."""

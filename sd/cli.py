@@ -31,6 +31,11 @@ class UsageError(ValueError):
     """Bad input from the command line or the files it names: one `error:` line, exit code 2."""
 
 
+class WeightsError(UsageError):
+    """A weights file is missing, unreadable, or does not fit the model (sd/weights.py, sd/ldm.py
+    raise it)."""
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, ValueError) else " ".join(text.split())

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.attention import Control, apply_map, attention, attention_map
+from sd.attention import Control
 from sd.config import ModelConfig
 from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
@@ -32,10 +32,20 @@ def default_device_dtype() -> tuple[torch.device, torch.dtype]:
 def rows(batch: int, prompts: int, half: str = "both", group: int = 0,
          groups: int = 1) -> list[int]:
     """Rows of the batch (layout above) in `half` ("uncond", "cond", "both") holding group `group`
-    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row)."""
+    of `groups` equal runs of prompts (groups=2: sources then targets, paired row by row).
+    Indexing with this list makes a copy: x[rows(...)] = y and += y write back, but an in-place
+    method on it (x[rows(...)].add_(y), x[rows(...)][..., j] = y) edits the copy and is lost;
+    `grouped` gives a view to edit in place."""
     size, cond = prompts // groups, batch - prompts  # cond == 0: guidance 1, no uncond half
     starts = {"uncond": [0] if cond else [], "cond": [cond], "both": sorted({0, cond})}[half]
     return [s + group * size + i for s in starts for i in range(size)]
+
+
+def grouped(x: torch.Tensor, prompts: int, groups: int = 1) -> torch.Tensor:
+    """A view of a batch in the layout above as [halves, groups, prompts // groups, ...]: halves
+    is 2 under guidance ([uncond, cond]), 1 without; so grouped(attn, n, 2)[-1, 1] is the
+    conditional half's targets, and editing it in place edits `x`."""
+    return x.unflatten(0, (x.shape[0] // prompts, groups, prompts // groups))
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -187,43 +197,3 @@ class Pipeline:
         x = load_image(image, height or self.cfg.resolution, width or self.cfg.resolution)
         posterior = self.models.vae.encode(x.to(self.device, self.dtype) * 2 - 1)
         return posterior.mean * self.cfg.vae.scaling
-
-
-class HeatMap(Control):
-    """Cross-attention heat maps of chosen token positions, as DAAM defines them (Tang et al. 2023,
-    sec. 3; the daam package's trace.py): per down/up cross layer, the conditional rows' map
-    averaged over heads and upsampled bicubically to the latent size (clamped at 0, since bicubic
-    overshoots); layers averaged, steps summed. The mid block is left out, as in DAAM. Maps are
-    accumulated on the fly: memory stays at [prompts, tokens, h, w]."""
-
-    def __init__(self, tokens: list[int], latent_hw: tuple[int, int]):
-        super().__init__()
-        self.tokens, self.hw, self.sites = tokens, latent_hw, set()
-        self.total: torch.Tensor | None = None  # summed over layers and steps
-
-    def __call__(self, q, k, v, site):
-        if site.kind != "cross" or site.place == "mid":
-            return attention(q, k, v)
-        attn = attention_map(q, k)  # [B, heads, h*w, 77]
-        cond = attn[-self.prompts:].mean(1)[..., self.tokens]  # [prompts, h*w, tokens]
-        maps = cond.transpose(1, 2).reshape(self.prompts, len(self.tokens), *site.shape(self.hw))
-        maps = torch.nn.functional.interpolate(maps, size=self.hw, mode="bicubic").clamp_min(0)
-        self.total = maps if self.total is None else self.total + maps
-        self.sites.add(site.name)
-        return apply_map(attn, v)
-
-    def maps(self, spans: list[int] | None = None) -> torch.Tensor:
-        """[prompts, words, h, w]: the layer mean summed over steps; `spans` (tokens per word, in
-        `tokens`' order) makes a word of several tokens the mean of its tokens (DAAM)."""
-        m = self.total.float() / len(self.sites)
-        return torch.stack([w.mean(1) for w in m.split(spans, 1)], 1) if spans else m
-
-    def normalised(self, spans: list[int] | None = None) -> torch.Tensor:
-        """`maps(spans)` scaled to [0, 1] per map."""
-        m = self.maps(spans)
-        lo, hi = m.amin((-2, -1), keepdim=True), m.amax((-2, -1), keepdim=True)
-        return (m - lo) / (hi - lo).clamp_min(1e-8)
-
-    def masks(self, spans: list[int] | None = None, threshold: float = 0.4) -> torch.Tensor:
-        """Where the normalised map reaches `threshold`: DAAM's segmentation (its tau = 0.4)."""
-        return self.normalised(spans) >= threshold

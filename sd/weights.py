@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from sd.cli import UsageError
+from sd import ldm
+from sd.cli import WeightsError
 from sd.clip import TextEncoder
 from sd.config import PRESETS, ModelConfig, preset
 from sd.unet import UNet
@@ -29,10 +30,6 @@ from sd.vae import VAE
 
 FILES = {"unet": "unet/diffusion_pytorch_model", "vae": "vae/diffusion_pytorch_model",
          "text_encoder": "text_encoder/model"}
-
-
-class WeightsError(UsageError):
-    """A weights file is missing, unreadable, or does not fit the model (exit code 2)."""
 
 
 @dataclass
@@ -149,8 +146,6 @@ def state_dicts(path: str | Path, cfg: ModelConfig, prefer_fp16: bool = False) -
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder. Fetch the weights with "
                            "`make weights` (see weights/README.md).")
-    from sd import ldm  # imported here: sd/ldm.py imports WeightsError from this module
-
     return {n: _tidy(n, sd) for n, sd in ldm.convert(read(path), cfg, path).items()}
 
 

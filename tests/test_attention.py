@@ -3,8 +3,9 @@
 import torch
 from conftest import assert_parity
 
-from sd.attention import Control, StoreMaps, apply_map, attention, attention_map
+from sd.attention import Control, apply_map, attention, attention_map
 from sd.config import TINY
+from sd.controls import StoreMaps
 
 
 def qkv(nq=12, nk=7, seed=0):

@@ -10,9 +10,10 @@ import math
 import torch
 from conftest import assert_parity, relative_difference
 
-from sd.attention import Control, Site, StoreMaps, attention
+from sd.attention import Control, Site, attention
 from sd.config import TINY
-from sd.pipeline import HeatMap, Pipeline
+from sd.controls import Combined, HeatMap, StoreMaps
+from sd.pipeline import Pipeline, grouped, rows
 
 # Recomputed fp64 maps against our fp32 ones: 8e-8 to 2.5e-7 relative observed (default, AVX2
 # and AVX-512 kernels, 1 and 2 threads); 1e-5 leaves 40x for other CPUs' summation orders, while
@@ -205,3 +206,41 @@ def test_store_maps_records_each_site_once_per_step(tiny):
             assert rel <= REL, (step, site.name, rel)
             worst = max(worst, rel)
     print(f"\nPARITY StoreMaps, every site and step: {worst:.2e} relative (bound {REL:.0e})")
+
+
+def test_grouped_is_a_view_and_rows_a_copy():
+    x = torch.arange(8.0).reshape(8, 1)  # [uncond src x2, uncond tgt x2, cond src x2, cond tgt x2]
+    view = grouped(x, 4, 2)
+    assert view.shape == (2, 2, 2, 1) and view[1, 1].flatten().tolist() == [6, 7]
+    view[1, 1] += 100  # cond targets, in place
+    assert x.flatten().tolist() == [0, 1, 2, 3, 4, 5, 106, 107]
+    x[rows(8, 4, "cond", 1, 2)].add_(1000)  # a copy edited in place: lost
+    assert x.flatten().tolist() == [0, 1, 2, 3, 4, 5, 106, 107]
+    assert grouped(torch.zeros(4, 3), 4).shape == (1, 1, 4, 3)  # guidance 1: no uncond half
+
+
+def test_combined_observers_see_every_call_and_change_nothing(tiny):
+    pipe, tokens = Pipeline(tiny, TINY), [2, 3]
+
+    class Double(Control):  # an edit: cross-attention outputs doubled
+        def __call__(self, q, k, v, site):
+            out = attention(q, k, v)
+            return 2 * out if site.kind == "cross" else out
+
+    class ByHand(Control):  # the same two, written out: what Combined must equal
+        def __init__(self, edit, heat):
+            super().__init__()
+            self.edit, self.heat = edit, heat
+
+        def __call__(self, q, k, v, site):
+            self.heat.prompts = self.edit.prompts = self.prompts
+            self.heat.observe(q, k, v, site)
+            return self.edit(q, k, v, site)
+
+    by_hand, combined = HeatMap(tokens, (8, 8)), HeatMap(tokens, (8, 8))
+    ref = pipe("a red circle", steps=3, ctrl=ByHand(Double(), by_hand), output="latent")
+    out = pipe("a red circle", steps=3, ctrl=Combined(Double(), combined), output="latent")
+    plain = pipe("a red circle", steps=3, output="latent")
+    assert torch.equal(out, ref) and not torch.equal(out, plain)  # the edit's output
+    assert torch.equal(combined.total, by_hand.total)  # the observer saw every call
+    assert (combined.steps, combined.prompts, combined.step) == (3, 1, 2)  # told by the sampler

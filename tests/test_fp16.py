@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import assert_parity, reference_unet
 
-from sd.attention import Site, StoreMaps, apply_map, attention, attention_map
+from sd.attention import Site, apply_map, attention, attention_map
 from sd.config import TINY
+from sd.controls import StoreMaps
 
 # fp16's unit roundoff is 2^-11 = 4.9e-4. Observed against the fp32 computation: 5.5e-4 for one
 # attention (v rounded to fp16), 1.5e-3 to 2.4e-3 for the tiny UNet (ours, with and without the

@@ -9,7 +9,8 @@ from conftest import run_python
 
 from sd.attention import Control, Site, attention
 from sd.config import TINY
-from sd.pipeline import HeatMap, Pipeline
+from sd.controls import HeatMap
+from sd.pipeline import Pipeline
 
 
 class Recorder(Control):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from photoswap.control import PRESETS, Layers
-from photoswap.swap import Pair, control, replace_words, run, settings_for
+from photoswap.swap import Pair, control, replace_words, run, settings_for, subjects_of
 from photoswap.visual import Recorder, layout_rgb, sweep
 from sd.config import TINY
+from sd.controls import Combined
 from sd.pipeline import Pipeline
 
 CAT, DOG = "a photo of a cat on grass", "a photo of a sks dog on grass"
@@ -75,8 +76,8 @@ def test_recorder_changes_nothing_and_draws(tiny):
     p = pair(pipe, CAT, DOG, ["cat"], ["sks dog"], 3)
     s = settings_for("photoswap")
     plain, _ = run(pipe, [p], s, steps=5)
-    rec = control(pipe, [p], s, kind=Recorder, latent_hw=(8, 8), layout_level=1)
-    out, rec = run(pipe, [p], s, steps=5, ctrl=rec)
+    rec = Recorder(subjects_of(pipe, [p]), latent_hw=(8, 8), layout_level=1)
+    out, _ = run(pipe, [p], s, steps=5, ctrl=Combined(control(pipe, [p], s), rec))
     assert torch.equal(out, plain)
     assert rec.heat.shape == (2, 8, 8) and rec.heat.min() > 0
     assert rec.layout.shape == (2, 16, 16)  # level 1 of an 8x8 latent: 4x4 queries

@@ -14,7 +14,7 @@ stream is image perm_e[k mod n] of epoch e = k // n, where perm_e is a pure func
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,8 +23,13 @@ from PIL import Image, UnidentifiedImageError
 from sd.images import rgb
 from train import UsageError
 
-if TYPE_CHECKING:  # draw() reads only run.rank and run.world
-    from train.loop import Run
+
+class Ranks(Protocol):
+    """What draw() reads of a run (train.loop.Run has both)."""
+
+    rank: int
+    world: int
+
 
 MAX_ASPECT = 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -129,7 +134,7 @@ class Draw:
     sample: torch.Tensor  # [parts * b, C, h, w] noise of the VAE posterior sample
 
 
-def draw(gen: torch.Generator, micro: int, batch: int, run: "Run", parts: int,
+def draw(gen: torch.Generator, micro: int, batch: int, run: Ranks, parts: int,
          latent: tuple[int, int, int], train_steps: int) -> Draw:
     """Draw micro-batch number `micro` of the global batch, keep this rank's r::world share."""
     g, mine = batch * run.world, slice(run.rank, None, run.world)
