@@ -89,7 +89,7 @@ def value_mixer(mapper: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
         A'[:, j] = alphas[j] A_src[:, mapper[j]] + (1 - alphas[j]) A_tgt[:, j]
 
     applied to v gives A' v = A_src (W v) + A_tgt ((1 - alphas) v): two fused attention calls
-    instead of two explicit maps (../DESIGN.md section 3)."""
+    instead of two explicit maps (the README's "The attention interface")."""
     w = torch.zeros(len(mapper), len(mapper), dtype=alphas.dtype)
     w[mapper, torch.arange(len(mapper))] = alphas  # one nonzero per column: no overlap to sum
     return w

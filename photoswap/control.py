@@ -13,7 +13,7 @@ layout: the prompts are [sources..., targets...], source i paired with target i,
 
 Two implementations, one flag. Fused (default): no attention map is built except the subject
 tokens' cross maps for local blend at one low resolution; M is the fused kernel on
-(q_src, k_src, v_tgt) and A is two fused calls (../DESIGN.md section 3). Explicit: fp32 maps
+(q_src, k_src, v_tgt) and A is two fused calls (align.value_mixer). Explicit: fp32 maps
 edited as the official code (eric-ai-lab/photoswap, swapping_class.py and utils.py) edits them.
 """
 

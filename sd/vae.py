@@ -1,4 +1,5 @@
-"""AutoencoderKL (diffusers layout): images [-1, 1] <-> latents, 8x smaller per side.
+"""AutoencoderKL (diffusers layout): images [-1, 1] <-> latents, smaller per side by
+2^(levels - 1) (8x for SD, 4x for the toy model).
 
 Raw `encode`/`decode` work on unscaled latents as diffusers' AutoencoderKL does; the pipeline
 multiplies by `VAEConfig.scaling` (0.18215) so that the UNet sees unit-variance latents.

@@ -39,7 +39,7 @@ def m(name: str, file: str, original: str, replacement: str, *tests: str) -> Mut
 MODULES, PIPE, CTRL = "tests/test_modules.py", "tests/test_pipeline.py", "tests/test_controls.py"
 OFFICIAL = "tests/test_official.py::test_swap_equals_the_official_algorithm["
 MUTANTS = [
-    # The seven of issue 13, each once missed by the suite.
+    # Seven that the suite once missed.
     m("unet resnet GroupNorm eps 1e-5 -> 1e-6", "sd/unet.py",
       "return ResBlock(c_in, c_out, groups, emb_dim, eps=1e-5)",
       "return ResBlock(c_in, c_out, groups, emb_dim, eps=1e-6)",
@@ -71,7 +71,7 @@ MUTANTS = [
       "scores = (wide(q) @ wide(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])",
       "scores = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).float()",
       "tests/test_fp16.py::test_scores_that_overflow_fp16_stay_finite_and_right"),
-    # Named in issue 13 as worth adding.
+    # Worth adding: converter and VAE bugs that load without error.
     m("single-file text converter: q and k swapped", "sd/ldm.py",
       'for name, part in zip(("q", "k", "v"), v.chunk(3, dim=0)):',
       'for name, part in zip(("k", "q", "v"), v.chunk(3, dim=0)):',
@@ -79,7 +79,7 @@ MUTANTS = [
     m("VAE scaling factor 0.18215 -> 0.18125", "sd/config.py",
       "scaling: float = 0.18215", "scaling: float = 0.18125",
       f"{PIPE}::test_pipeline_parity"),
-    # Numerics that hand-written versions get wrong (DESIGN.md section 5).
+    # Numerics that hand-written versions get wrong.
     m("unet transformer GroupNorm eps 1e-6 -> 1e-5", "sd/unet.py",
       "self.norm = GroupNorm(groups, dim, eps=1e-6)",
       "self.norm = GroupNorm(groups, dim, eps=1e-5)",
@@ -149,7 +149,7 @@ MUTANTS = [
       "opt = torch.optim.Adam([emb], lr=lr * (1 - i / 100), eps=1e-8 * scale)",
       "opt = torch.optim.Adam([emb], lr=lr, eps=1e-8 * scale)",
       "tests/test_inversion.py::test_matches_the_notebook"),
-    # The toy world (issue 11): a swap whose control is dropped is the `none` baseline. The toy
+    # The toy world: a swap whose control is dropped is the `none` baseline. The toy
     # test runs first and catches it where a trained toy model exists (weights/toy, or
     # TOY_WEIGHTS); without one it skips and the tiny model's recorder test catches it instead.
     m("swap runs without its control (no swaps, no blend)", "photoswap/swap.py",

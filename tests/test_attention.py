@@ -1,4 +1,4 @@
-"""The attention kernel and the control interface (DESIGN.md section 3)."""
+"""The attention kernel and the control interface (sd/attention.py)."""
 
 import torch
 from conftest import assert_parity

@@ -1,4 +1,4 @@
-"""Issue 8, section 2: bad inputs get one line that says what to do, a non-zero exit code, no
+"""Bad inputs get one line that says what to do, a non-zero exit code, no
 traceback, and nothing half-written; and they are caught before anything loads.
 
 CLI cases run as subprocesses on the tiny preset. "Before anything loads" is observable: every

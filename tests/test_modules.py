@@ -101,7 +101,7 @@ def test_full_config_keys_and_shapes():
         assert mine == listed, f"{name}: keys or shapes differ from the inventory"
         count = sum(v.numel() for v in ours.state_dict().values())
         print(f"{name}: {len(mine)} tensors, {count / 1e6:.1f} M parameters")
-    expected_millions = {"unet": 865.9, "vae": 83.7, "text_encoder": 340.4}  # DESIGN.md, sec. 5
+    expected_millions = {"unet": 865.9, "vae": 83.7, "text_encoder": 340.4}  # the official inventory, tests/data
     for name, (ours, _) in pairs.items():
         count = sum(v.numel() for v in ours.state_dict().values()) / 1e6
         assert abs(count - expected_millions[name]) < 0.1, (name, count)

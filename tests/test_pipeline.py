@@ -20,7 +20,7 @@ NEGATIVE = "blurry, low quality"
 # 20 guided steps of a random model (latents reach 57) amplify rounding. Run alone these tests
 # give 0 here; after other tests in the same process (other memory alignment, so other vector
 # remainders) the final latents differ by up to 5.3e-6 relative and the images by 1.3e-5, on the
-# default, AVX2 and AVX-512 kernels alike (issue 8's CPU: 2.9e-6 for the latents). A UNet resnet
+# default, AVX2 and AVX-512 kernels alike (one measured CPU: 2.9e-6 for the latents). A UNet resnet
 # eps 1e-5 -> 1e-6 moves the latents by the same 3.7e-6 (epsilon) to 9.0e-6 (eta): no portable
 # bound here can tell that bug from rounding, so test_modules.py's
 # test_norm_eps_at_small_variance catches it. 1e-4 is 7x the worst seen (the images; the old

@@ -1,4 +1,4 @@
-"""Issue 10's acceptance tests for the swap control, on the tiny random model.
+"""The swap control, on the tiny random model.
 
 Source "a photo of a cat" and target "a photo of a sks dog" differ in token length, so the A swap
 runs with refinement weights (alpha 0 for the new tokens "sks" and "dog").

@@ -1,4 +1,4 @@
-"""Loading and saving both official layouts (DESIGN.md sections 5 and 6).
+"""Loading and saving both official layouts (diffusers folders and single-file checkpoints).
 
 Single-file checkpoints are written from the reference mapping tests/data/sd21_ldm_to_diffusers
 .tsv (made with diffusers' converters), never from an inverse of our own converter, and our

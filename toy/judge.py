@@ -1,6 +1,6 @@
 """The toy world's judge: a small CNN that reads a single-subject scene's shape and colour.
 
-It measures text adherence of generated samples (issue 11: "the subject's shape and colour match
+It measures text adherence of generated samples ("the subject's shape and colour match
 the caption in at least 80% of samples for each attribute"). Trained on the generator's own labels
 (training-split scenes with one subject), with noise, blur and colour jitter so that it reads
 decoded VAE outputs too; its accuracy on held-out scenes is reported next to every adherence
