@@ -17,12 +17,11 @@ from photoswap.swap import Pair, control, replace_words, run, settings_for, subj
 from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
 from sd import ddim
 from sd.attention import Site
-from sd.cli import size_warning, threads
-from sd.config import DTYPES
+from sd.cli import open_pipeline
 from sd.controls import Combined
 from sd.files import atomic_write
 from sd.images import grid, load_image, open_image, overlay, save_image, to_pil
-from sd.pipeline import Pipeline, default_device_dtype, pick_device
+from sd.pipeline import Pipeline
 from sd.tokenizer import Tokenizer
 from sd.weights import resolve
 from train.inversion import invert
@@ -50,97 +49,34 @@ def user_mask(path) -> torch.Tensor:
 
 
 def execute(args: argparse.Namespace, learned: list[str]) -> int:
+    """Check what needs the config, load, swap, draw, write; returns the exit code."""
     started = time.time()
     cfg, weights, why = resolve(args.model, args.weights)
-    tok = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
-    if learned:
-        tok.add_tokens(learned)
-    check_concepts(tok, args.concept, learned, args.embeds)
-    target = args.target or replace_words(args.prompt, args.subject, args.concept)
-    subject_indices(tok, args.prompt, args.subject)  # absent words: the error lists the prompt's
-    subject_indices(tok, target, args.concept)
-    h, w = args.height or cfg.resolution, args.width or cfg.resolution
-    blend = False if args.no_blend else True if args.blend_start is None else args.blend_start
-    settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
-    mask = user_mask(args.mask) if args.mask else None
-    if args.steps is not None:
-        ddim.timesteps(args.steps, cfg.schedule)  # a step count the schedule cannot take: now
-
-    device = pick_device(args.device)
-    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
-    dtype = DTYPES[args.dtype] if args.dtype else fallback
-    n = threads(args.threads, cfg)
-    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {str(dtype).removeprefix('torch.')}" +
-          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
-    if warning := size_warning(args.height, args.width, cfg, 4):
-        print(f"warning: {warning}", file=sys.stderr)
-    torch.manual_seed(args.seed)  # only random (tiny) weights draw from it, as in train.null_text
-    pipe = Pipeline.load(cfg, weights, device, dtype)
+    target, settings, mask = prepare(args, cfg, learned)
+    pipe = open_pipeline(cfg, weights, why, args.device, args.dtype, args.threads, args.height,
+                         args.width, 4, args.seed)
     if args.embeds:
         pipe.add_concepts(args.embeds)
-    progress = not args.quiet
-
-    steps, photo, uncond = args.steps or 50, None, None
-    guidance = 7.5 if args.guidance is None else args.guidance
-    if args.inversion:
-        inv = load_inversion(args.inversion, pipe, args.steps)
-        if inv.prompt != args.prompt:
-            raise ValueError(f"{args.inversion} was inverted with the prompt {inv.prompt!r}: give "
-                             "that prompt as the source prompt")
-        steps = inv.steps
-        guidance = inv.guidance if args.guidance is None else args.guidance
-        x_T, uncond = inv.x_T, inv.uncond
-    elif args.image:
-        photo = to_pil(load_image(args.image, h, w))[0]
-        latent = pipe.encode(args.image, h, w)
-        inv = invert(pipe, latent, args.prompt, steps, guidance, fast=args.fast,
-                     progress=progress)
-        x_T, uncond = inv.x_T, inv.uncond
-    else:
-        x_T = pipe.noise(1, h, w, args.seed)
-    latent_hw = tuple(x_T.shape[2:])
-    pair = Pair(args.prompt, target, args.subject, args.concept, x_T, uncond)
-
+    pair, steps, guidance, photo, inverted = source(args, pipe, target)
     ctrl = control(pipe, [pair], settings, args.explicit, mask)
-    recorder = Recorder(subjects_of(pipe, [pair]), latent_hw, 1 if args.layout else None)
+    recorder = Recorder(subjects_of(pipe, [pair]), tuple(pair.x_T.shape[2:]),
+                        1 if args.layout else None)
     if args.heatmap or args.layout:  # beside the swap: the branches' own maps
         ctrl = Combined(ctrl, recorder)
     latents, _ = run(pipe, [pair], settings, steps, guidance, args.explicit, mask,
-                     args.negative, ctrl, progress)
-    source, swapped = to_pil(pipe.decode(latents))
-    pictures = {"swap.png": swapped, "source.png": source}
-    row = [label(photo, "photo")] if photo else []
-    caption = f"{args.method}: {', '.join(args.concept)}"
-    row += [label(source, "source"), label(swapped, caption)]
-    pictures["grid.png"] = grid([row])
-    if args.heatmap:
-        heat = normalise(recorder.heat.float()).cpu()
-        pictures["heat.png"] = grid([[label(overlay(source, heat[0]), " ".join(args.subject)),
-                                      label(overlay(swapped, heat[1]), " ".join(args.concept))]])
-    if args.layout:
-        hw = Site("layout", "self", "any", 1).shape(latent_hw)
-        rgb = to_pil(layout_rgb(recorder.layout, hw))
-        size = source.size
-        pictures["layout.png"] = grid([[label(im.resize(size, Image.Resampling.NEAREST), name)
-                                        for im, name in zip(rgb, ("source", "swap"))]])
-    if args.sweep_phi:
-        cells = sweep(pipe, pair, settings, args.sweep_phi, args.sweep_a, steps, guidance,
-                      args.explicit, mask, progress)
-        pictures["sweep.png"] = grid([[label(to_pil(pipe.decode(z))[0], f"phi {p} A {a}")
-                                       for p, a, z in row] for row in cells])
-
+                     args.negative, ctrl, not args.quiet)
+    pictures = draw(args, pipe, pair, settings, latents, photo, recorder, steps, guidance, mask)
     record = {"source": args.prompt, "target": target, "subject": args.subject,
               "concept": args.concept, "method": args.method, "preset": args.preset,
               "settings": asdict(settings), "steps": steps, "guidance": guidance,
-              "seed": None if args.image or args.inversion else args.seed,
+              "seed": None if inverted else args.seed,
               "image": str(args.image) if args.image else None,
               "inversion": str(args.inversion) if args.inversion else None,
-              "inverted": inv.method if args.image or args.inversion else None,
-              "mask": str(args.mask) if args.mask else None, "explicit": args.explicit,
-              "model": cfg.name,
-              "weights": str(weights) if weights else None, "dtype": str(dtype),
-              "size": [h, w], "seconds": round(time.time() - started, 2)}
+              "inverted": inverted, "mask": str(args.mask) if args.mask else None,
+              "explicit": args.explicit, "model": cfg.name,
+              "weights": str(weights) if weights else None, "dtype": str(pipe.dtype),
+              "size": [args.height or cfg.resolution, args.width or cfg.resolution],
+              "seconds": round(time.time() - started, 2)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, image in pictures.items():
         save_image(image, args.out / name)
@@ -148,3 +84,69 @@ def execute(args: argparse.Namespace, learned: list[str]) -> int:
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {', '.join(pictures)} and settings.json to {args.out}", file=sys.stderr)
     return 0
+
+
+def prepare(args: argparse.Namespace, cfg, learned: list[str]):
+    """What can be checked once the config is known, before loading: (target prompt, settings,
+    user mask or None)."""
+    tok = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
+    if learned:
+        tok.add_tokens(learned)
+    check_concepts(tok, args.concept, learned, args.embeds)
+    target = args.target or replace_words(args.prompt, args.subject, args.concept)
+    subject_indices(tok, args.prompt, args.subject)  # absent words: the error lists the prompt's
+    subject_indices(tok, target, args.concept)
+    blend = False if args.no_blend else True if args.blend_start is None else args.blend_start
+    settings = settings_for(args.method, args.preset, args.phi, args.m, args.a, blend)
+    if args.steps is not None:
+        ddim.timesteps(args.steps, cfg.schedule)  # a step count the schedule cannot take: now
+    return target, settings, user_mask(args.mask) if args.mask else None
+
+
+def source(args: argparse.Namespace, pipe: Pipeline, target: str):
+    """The pair to swap from a saved inversion, a photo inverted now, or a seed's noise:
+    (pair, steps, guidance, photo or None, how it was inverted or None)."""
+    steps = args.steps or 50
+    guidance = 7.5 if args.guidance is None else args.guidance
+    h, w = args.height or pipe.cfg.resolution, args.width or pipe.cfg.resolution
+    if args.inversion:
+        inv = load_inversion(args.inversion, pipe, args.steps)
+        if inv.prompt != args.prompt:
+            raise ValueError(f"{args.inversion} was inverted with the prompt {inv.prompt!r}: give "
+                             "that prompt as the source prompt")
+        guidance = inv.guidance if args.guidance is None else args.guidance
+        pair = Pair(args.prompt, target, args.subject, args.concept, inv.x_T, inv.uncond)
+        return pair, inv.steps, guidance, None, inv.method
+    if args.image:
+        photo = to_pil(load_image(args.image, h, w))[0]
+        inv = invert(pipe, pipe.encode(args.image, h, w), args.prompt, steps, guidance,
+                     fast=args.fast, progress=not args.quiet)
+        pair = Pair(args.prompt, target, args.subject, args.concept, inv.x_T, inv.uncond)
+        return pair, steps, guidance, photo, inv.method
+    pair = Pair(args.prompt, target, args.subject, args.concept, pipe.noise(1, h, w, args.seed))
+    return pair, steps, guidance, None, None
+
+
+def draw(args, pipe: Pipeline, pair: Pair, settings, latents, photo, recorder: Recorder,
+         steps: int, guidance: float, mask) -> dict:
+    """The pictures to write, by file name."""
+    source, swapped = to_pil(pipe.decode(latents))
+    pictures = {"swap.png": swapped, "source.png": source}
+    row = [label(photo, "photo")] if photo else []
+    row += [label(source, "source"), label(swapped, f"{args.method}: {', '.join(args.concept)}")]
+    pictures["grid.png"] = grid([row])
+    if args.heatmap:
+        heat = normalise(recorder.heat.float()).cpu()
+        pictures["heat.png"] = grid([[label(overlay(source, heat[0]), " ".join(args.subject)),
+                                      label(overlay(swapped, heat[1]), " ".join(args.concept))]])
+    if args.layout:
+        hw = Site("layout", "self", "any", 1).shape(recorder.latent_hw)
+        rgb = to_pil(layout_rgb(recorder.layout, hw))
+        pictures["layout.png"] = grid([[label(im.resize(source.size, Image.Resampling.NEAREST),
+                                              name) for im, name in zip(rgb, ("source", "swap"))]])
+    if args.sweep_phi:
+        cells = sweep(pipe, pair, settings, args.sweep_phi, args.sweep_a, steps, guidance,
+                      args.explicit, mask, not args.quiet)
+        pictures["sweep.png"] = grid([[label(to_pil(pipe.decode(z))[0], f"phi {p} A {a}")
+                                       for p, a, z in row] for row in cells])
+    return pictures

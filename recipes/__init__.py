@@ -12,7 +12,6 @@ at import time, so every recipe's --help answers before torch loads.
 """
 
 import argparse
-import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -63,15 +62,8 @@ def settings_from(args: argparse.Namespace, presets: dict):
 def load(args: argparse.Namespace):
     """The pipeline the options name; says on stderr which model it is. Raises WeightsError,
     or ValueError for a device this machine lacks."""
-    from sd.config import DTYPES
-    from sd.pipeline import Pipeline, pick_device
     from sd.weights import resolve
 
     cfg, weights, why = resolve(args.model, args.weights)
-    device = pick_device(args.device)
-    n = cli.threads(args.threads, cfg)
-    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {args.dtype}" + (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu"
-                                          else ""), file=sys.stderr)
-    return Pipeline.load(cfg, weights, device, DTYPES[args.dtype])
+    return cli.open_pipeline(cfg, weights, why, args.device, args.dtype, args.threads)
 

@@ -67,13 +67,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
-    import torch
-
     from sd import ddim
-    from sd.config import DTYPES
     from sd.controls import HeatMap
     from sd.images import grid, image_format, overlay, save_image
-    from sd.pipeline import Pipeline, concept_rows, default_device_dtype, pick_device
+    from sd.pipeline import concept_rows, pick_device
     from sd.tokenizer import Tokenizer
     from sd.weights import read, resolve
 
@@ -85,22 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             raise cli.UsageError(f"--height and --width: give multiples of {cfg.vae.factor}, "
                                  f"such as {cfg.resolution}; got {side}")
     ddim.timesteps(args.steps, cfg.schedule)
-    device = pick_device(args.device)
+    pick_device(args.device)
     concepts = {k: v for file in args.concepts or [] for k, v in read(file).items()}
     if concepts:
         concept_rows(concepts, cfg.text.width)
     tokenizer = Tokenizer(cfg.text.max_len, cfg.text.pad_id)
     tokenizer.add_tokens(list(concepts))
     spans = [len(tokenizer.word_indices(args.prompt, w)) for w in args.heatmap or []]
-    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
-    dtype = DTYPES[args.dtype] if args.dtype else fallback
-    n = cli.threads(args.threads, cfg)
-    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
-          f"{device} in {str(dtype).removeprefix('torch.')}" +
-          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
-    if warning := cli.size_warning(args.height, args.width, cfg, args.batch):
-        print(f"warning: {warning}", file=sys.stderr)
-    pipe = Pipeline.load(cfg, weights, device, dtype)
+    pipe = cli.open_pipeline(cfg, weights, why, args.device, args.dtype, args.threads,
+                             args.height, args.width, args.batch)
     if concepts:
         pipe.add_concepts(concepts)
     heat = None

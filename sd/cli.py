@@ -116,3 +116,28 @@ def size_warning(height: int | None, width: int | None, cfg, batch: int = 1) -> 
     return (f"{height or cfg.resolution}x{width or cfg.resolution} (x{batch}) is {ratio:.0f}x the "
             f"pixels of {cfg.name}'s {cfg.resolution}x{cfg.resolution}: expect {ratio:.0f}x "
             f"(convolutions) to {ratio**2:.0f}x (self-attention) the time and memory of a step")
+
+
+def open_pipeline(cfg, weights, why: str, device: str | None = None, dtype: str | None = None,
+                  requested_threads: int | None = None, height: int | None = None,
+                  width: int | None = None, batch: int = 1, seed: int | None = None):
+    """The pipeline a command runs on: device (a ValueError for one this machine lacks), dtype
+    (fp16 on CUDA, fp32 on the CPU unless given), the thread policy, the one `model:` line,
+    a warning for a size far beyond the model's; `seed` seeds random (tiny) weights."""
+    import torch
+
+    from sd.config import DTYPES
+    from sd.pipeline import Pipeline, default_device_dtype, pick_device
+
+    device = pick_device(device)
+    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
+    dtype = DTYPES[dtype] if dtype else fallback
+    n = threads(requested_threads, cfg)
+    print(f"model: {cfg.name} ({cfg.schedule.prediction}, {cfg.resolution} px; {why}) on "
+          f"{device} in {str(dtype).removeprefix('torch.')}" +
+          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
+    if warning := size_warning(height, width, cfg, batch):
+        print(f"warning: {warning}", file=sys.stderr)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Pipeline.load(cfg, weights, device, dtype)

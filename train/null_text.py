@@ -54,12 +54,8 @@ def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # The library (and torch, over a second) loads only now: --help and usage errors are instant.
-    import torch
-
     from sd import ddim
-    from sd.config import DTYPES
     from sd.images import load_image, open_image, rgb
-    from sd.pipeline import Pipeline, default_device_dtype, pick_device
     from sd.weights import resolve
     from train.inversion import MAX_STEPS, invert, psnr, reconstruct, save
 
@@ -77,15 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     image = load_image(args.image, h, w)  # a photo that cannot be read: say so now
     if warning := fit_warning(rgb(open_image(args.image)).size, h, w):
         print(f"warning: {args.image}: {warning}", file=sys.stderr)
-    device = pick_device(args.device)
-    fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32
-    dtype = DTYPES[args.dtype] if args.dtype else fallback
-    n = cli.threads(args.threads, cfg)
-    print(f"model: {cfg.name} ({cfg.schedule.prediction}; {why}) on {device} in "
-          f"{str(dtype).removeprefix('torch.')}" +
-          (f", {n} thread{'s' * (n > 1)}" if device.type == "cpu" else ""), file=sys.stderr)
-    torch.manual_seed(args.seed)  # only random (tiny) weights draw from it
-    pipe = Pipeline.load(cfg, weights, device, dtype)
+    pipe = cli.open_pipeline(cfg, weights, why, args.device, args.dtype, args.threads,
+                             seed=args.seed)  # the seed: only random (tiny) weights draw from it
     latent = pipe.encode(args.image, h, w)
     inv = invert(pipe, latent, args.prompt, args.steps, args.guidance, args.fast,
                  args.inner_steps, progress=not args.quiet)
