@@ -147,8 +147,11 @@ class UNet(nn.Module):
 
         self.conv_norm_out = GroupNorm(groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.name_sites()
 
-        # Name every attention layer after its state-dict prefix, once and for all.
+    def name_sites(self) -> None:
+        """Name every attention layer after its state-dict prefix, once and for all."""
+        n = len(self.cfg.channels)
         for name, module in self.named_modules():
             if isinstance(module, Attention):
                 place = name.split("_")[0]

@@ -50,6 +50,19 @@ class Result:
     pipe: Pipeline  # with the trained weights
 
 
+def prior_images(args: argparse.Namespace, pipe: Pipeline, run, side: int) -> ImageFolder:
+    """The class images of prior preservation: generated into --class-dir where missing (by the
+    main process; the others wait), then read."""
+    if run.main:
+        class_images(pipe, args.class_prompt, args.class_dir, args.num_class_images, side, run,
+                     args.precision)
+    run.barrier()
+    classes = ImageFolder(args.class_dir, side, limit=args.num_class_images)
+    for warning in classes.warnings:
+        run.say(f"warning: {warning}")
+    return classes
+
+
 def train(args: argparse.Namespace) -> Result:
     """DreamBooth with the options of `python -m train.dreambooth` (train/dreambooth.py)."""
     run, cfg, side = begin(args)
@@ -62,16 +75,7 @@ def train(args: argparse.Namespace) -> Result:
                            [f"{FILES[n]}.safetensors" for n in names], " and ".join(names))
     pipe = load(args, run, cfg)
     m = pipe.models
-    classes = None
-    if args.class_prompt:
-        if run.main:
-            class_images(pipe, args.class_prompt, args.class_dir, args.num_class_images, side,
-                         run, args.precision)
-        run.barrier()
-        classes = ImageFolder(args.class_dir, side, limit=args.num_class_images)
-        for warning in classes.warnings:
-            run.say(f"warning: {warning}")
-
+    classes = prior_images(args, pipe, run, side) if args.class_prompt else None
     trained: dict[str, nn.Module] = {n: getattr(m, n) for n in names}
     for module in trained.values():
         module.train().requires_grad_(True)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -237,28 +238,11 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     scaler = torch.amp.GradScaler(run.device.type, enabled=s.precision == "fp16")
     gen = torch.Generator().manual_seed(s.seed)
-    first, seconds = 0, 0.0
-    if s.resume:
-        folder = checkpoints.find(s.out, s.resume)
-        try:
-            load(folder)
-            if ema is not None:
-                ema.load(folder)
-        except WeightsError as e:
-            raise UsageError(f"--resume: {folder}'s weights cannot be read ({e}); resume from "
-                             f"an earlier checkpoint in {s.out}, or start afresh") from None
-        first, seconds = checkpoints.restore(folder, opt, scaler, gen, s.trajectory())
-        run.say(f"resumed from {folder} at step {first}")
+    first, seconds = resume(run, s, load, ema, opt, scaler, gen)
     log = s.out / "log.csv"
     if evaluate is not None and run.main:
         checkpoints.cut_log(log, first)
     ddp = run.wrap(model)
-
-    def write_weights(folder: Path) -> None:
-        write(folder)
-        if ema is not None:
-            ema.save(folder)
-
     losses = []
     bar = tqdm(range(first, s.steps), initial=first, total=s.steps, desc=desc,
                disable=s.quiet or not run.main)
@@ -282,20 +266,51 @@ def fit(run: Run, s: Settings, model: nn.Module, params: list[nn.Parameter],
         look, measure = preview and due, evaluate and (due or done == s.steps)
         if run.main and measure:  # before the checkpoint: a crash between them loses no row
             row = {"step": done, "seconds": round(time.monotonic() - start), "loss": total}
-            row.update(evaluate(model if ema is None else ema.module, done))
-            checkpoints.log_row(log, row)
-            run.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in row.items()))
+            log_metrics(run, log, row | evaluate(model if ema is None else ema.module, done))
         if run.main and keep:
             state = checkpoints.training_state(done, opt, scaler, gen, time.monotonic() - start,
                                                s.trajectory())
-            checkpoints.save(s.out, done, write_weights, state, s.keep)
+            checkpoints.save(s.out, done, partial(write_all, write, ema), state, s.keep)
         if run.main and look:
             with run.autocast(s.precision):
                 preview(s.out / f"validation-{done}.png")
         if keep or look or measure:
             run.barrier()  # the other ranks wait for rank 0's checkpoint or validation
     return losses
+
+
+def write_all(write: Callable[[Path], None], ema: "EMA | None", folder: Path) -> None:
+    """A checkpoint's weights: the trainer's, and the EMA's if any."""
+    write(folder)
+    if ema is not None:
+        ema.save(folder)
+
+
+def log_metrics(run: Run, log: Path, row: dict) -> None:
+    """One row of log.csv, also said on the console."""
+    checkpoints.log_row(log, row)
+    run.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in row.items()))
+
+
+def resume(run: Run, s: Settings, load: Callable[[Path], None], ema: "EMA | None",
+           opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           gen: torch.Generator) -> tuple[int, float]:
+    """With s.resume, the checkpoint's weights, EMA, optimizer, scaler and random states put
+    back: (its step, its training seconds); else (0, 0.0). A UsageError for a damaged one."""
+    if not s.resume:
+        return 0, 0.0
+    folder = checkpoints.find(s.out, s.resume)
+    try:
+        load(folder)
+        if ema is not None:
+            ema.load(folder)
+    except WeightsError as e:
+        raise UsageError(f"--resume: {folder}'s weights cannot be read ({e}); resume from "
+                         f"an earlier checkpoint in {s.out}, or start afresh") from None
+    first, seconds = checkpoints.restore(folder, opt, scaler, gen, s.trajectory())
+    run.say(f"resumed from {folder} at step {first}")
+    return first, seconds
 
 
 def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
