@@ -129,11 +129,8 @@ PRESETS: dict[str, Settings] = {
     # The toy model (sd.config.TOY, 16x16 latents): the official preset with A over every step,
     # local blend from its 8x8 maps (its quarter-side maps are the mid block's 4x4, and a 3x3
     # max-pool of those covers the whole latent) at threshold 0.5. A small latent forms its
-    # layout late (the same noise level hides more of a 16^2 picture than of a 64^2 one), so A
-    # must last: swept on held-out scenes 4-11 x 3 concepts, apart from EVAL.md's 0-3, background
-    # PSNR / layout IoU with this blend were A 0.6 26.6 / 0.30, A 0.8 27.1 / 0.33, A 1.0 27.7 /
-    # 0.46 (this; threshold 0.3: 26.2 dB); the paper's and the official presets (blend at level 1,
-    # threshold 0.3) 22.5 / 0.24 and 25.9 / 0.31; `none` 20.6 / 0.21 (python -m bench.swap_presets).
+    # layout late, so A must last. Chosen on held-out scenes apart from EVAL.md's by
+    # `python -m bench.swap_presets`; the README's `make swap` section gives the sweep.
     "toy": Settings(phi=Swap(0.8, Layers(), "both", "f*T+1"),
                     m=Swap(0.0, Layers(min_level=1)),
                     a=Swap(1.0, Layers(), "cond", "f*(T+1)"), blend_threshold=0.5, blend_level=1),

@@ -39,10 +39,7 @@ from sd.weights import detect_preset
 from toy import concepts, metrics, scenes
 from train.inversion import Inversion, invert
 
-# DreamBooth on the toy model, chosen by trying on an early checkpoint and looking at samples of
-# "a photo of sks star": the UNet alone at 1e-4 learned nothing in 200 steps; with the text
-# encoder (the untrained "sks" row must move) 4e-4 for 200 steps drew dotted purple stars, 6e-4
-# for 100 blobs with dots. Photoswap's own recipe (1e-6, 800 steps) is for SD's 865 M UNet.
+# DreamBooth on the toy model (how it was chosen: weights/toy/README.md, "DreamBooth and the swap").
 DREAMBOOTH = {"steps": 150, "lr": 5e-4, "batch_size": 4, "train_text_encoder": True, "seed": 0}
 STEPS, GUIDANCE = 50, 7.5  # the paper's sampling settings; inversion at the same
 SETTINGS = PRESETS["toy"]  # photoswap/control.py says why and how it was chosen
