@@ -19,8 +19,8 @@ a 16x16 toy latent would take steps 16 times as large); the features are each se
 layer's output before its output projection (what the sd control interface hands a control;
 theirs is after `to_out`, a fixed linear map).
 
-    python -m recipes.cds photo.png --source "a cat" --target "a dog" -o out.png
-    python -m recipes.cds --toy 8 --weights weights/toy -o cds.png   # background PSNR, DDS vs CDS
+    python -m recipes.cds photo.png --source "a cat" --target "a dog" -o out/edit.png
+    python -m recipes.cds --toy 8 --weights weights/toy -o out/cds.png  # background PSNR: DDS, CDS
 """
 
 import argparse
@@ -75,11 +75,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "PSNR (the README's numbers: --toy 8, about 30 s a scene on one CPU thread)")
     settings_options(p, PRESETS, HELP)
     model_options(p)
-    p.add_argument("-o", "--output", type=Path, help="the edited image (default out.png); with "
-                   "--toy: the first 4 scenes' photo, exact edit, DDS and CDS")
+    p.add_argument("-o", "--output", type=Path, help="the edited image (default out/edit.png); "
+                   "with --toy: the first 4 scenes' photo, exact edit, DDS and CDS")
     args = p.parse_args(argv)
     s = args.settings = settings_from(args, PRESETS)
-    if message := unwritable(args.output or Path("out.png")):
+    if message := unwritable(args.output or Path("out/edit.png")):
         p.error(message)
     if args.toy is None and (args.image is None or args.source is None or args.target is None):
         p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from sd.images import grid, image_format, load_image, save_image, to_pil
 
-    s, output = args.settings, args.output or Path("out.png")
+    s, output = args.settings, args.output or Path("out/edit.png")
     # What the user gave is checked before the model loads.
     image_format(output)
     if args.toy is None:

@@ -11,7 +11,7 @@ initialisations and crops. Departures: Gaussian noise (theirs torch.rand); the t
 at the source's timestep (theirs timesteps[-3]); no flips (their default); several embeddings
 are optimised side by side, each with its own random draws.
 
-    python -m recipes.correspondence source.png target.png --point 120 200 -o match.png
+    python -m recipes.correspondence source.png target.png --point 120 200 -o out/match.png
     python -m recipes.correspondence --toy 30 --preset toy --batch 12 --weights weights/toy
 """
 

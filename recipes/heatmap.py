@@ -7,7 +7,7 @@ its caption, the control recording as during sampling. On the toy world the subj
 mask is known, so the word's thresholded map is scored by IoU against it, beside a centred blob
 (a centred Gaussian thresholded the same way): the baseline any layout prior would reach.
 
-    python -m recipes.heatmap --toy 50 --weights weights/toy -o heat.png   # mean IoU, baseline
+    python -m recipes.heatmap --toy 50 --weights weights/toy -o out/heat.png  # mean IoU, baseline
 """
 
 import argparse

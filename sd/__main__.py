@@ -9,9 +9,9 @@ from sd import cli, files
 from sd.config import DTYPE_NAMES, PRESETS
 
 EPILOG = """examples:
-  python -m sd "a photo of a corgi on the beach" --weights weights/sd2.1-base -o corgi.png
+  python -m sd "a photo of a corgi on the beach" --weights weights/sd2.1-base -o out/corgi.png
   python -m sd "a red circle" --model tiny --steps 10     # random tiny model: no download
-  python -m sd "a cat wearing a hat" --heatmap cat hat   # also writes out_heatmap.png
+  python -m sd "a cat wearing a hat" --heatmap cat hat   # also out/image_heatmap.png
   python -m sd "a photo of <my-dog> on the moon" --concepts out/learned_embeds.safetensors
 
 Weights: `make weights` (or `python weights/fetch.py sd2.1-base`) downloads SD 2.1-base into
@@ -47,8 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "mask, its normalised map >= TAU (DAAM uses 0.4)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="the image to "
-                   "write; its extension names the format: .png, .jpg, .webp (default: out.png)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/image.png"), help="the image "
+                   "to write; its extension names the format: .png, .jpg, .webp (default: "
+                   "out/image.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cli.add_threads(p)
     args = p.parse_args(argv)

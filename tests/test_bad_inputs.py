@@ -331,7 +331,7 @@ def test_help_answers_before_torch_loads(module):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("torch imported: False")
     if module == "sd":
-        assert "(default: out.png)" in r.stdout
+        assert "(default: out/image.png)" in r.stdout
     if module == "train.textual_inversion":
         assert "--concepts" in r.stdout and "no option for learned tokens" not in r.stdout
 

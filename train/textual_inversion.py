@@ -15,7 +15,7 @@ EPILOG = """examples:
       --weights weights/sd2.1-base -o out/my-dog-ti
   # then draw with the learned token (--concepts loads it):
   python -m sd "a photo of <my-dog> on the beach" --weights weights/sd2.1-base \\
-      --concepts out/my-dog-ti/learned_embeds.safetensors -o dog.png
+      --concepts out/my-dog-ti/learned_embeds.safetensors -o out/dog.png
 
   # try the code on a CPU without weights (random tiny model):
   python -m train.textual_inversion photos/my-dog --token "<my-dog>" --model tiny --steps 20
