@@ -36,6 +36,27 @@ class WeightsError(UsageError):
     raise it)."""
 
 
+class MissingWeights(WeightsError):
+    """No weights where a preset's are looked for; `advice` below says how to get them."""
+
+    def __init__(self, message: str, preset: str):
+        super().__init__(message)
+        self.preset = preset
+
+
+def advice(e: BaseException) -> str:
+    """What a user of this repository's commands can do about an error (the Makefile's targets:
+    the library does not know them), or ""."""
+    if not isinstance(e, MissingWeights):
+        return ""
+    if e.preset == "toy":
+        return (" The toy model is committed in weights/toy of this repository (git checkout "
+                "weights/toy); `make toy` retrains it from scratch (about 2 CPU hours).")
+    return (f"\nDownload them (about 2.6 GB) with:\n    make weights MODEL={e.preset}\nor: python "
+            f"weights/fetch.py {e.preset}\nSee weights/README.md for the files, the mirrors and "
+            "the licence. To try the code without weights, use --model tiny (random weights).")
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, ValueError) else " ".join(text.split())
@@ -46,7 +67,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     try:
         return main(argv) or 0
     except ValueError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}{advice(e)}", file=sys.stderr)
         return USAGE
     except (OSError, MemoryError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

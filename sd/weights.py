@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sd import ldm
-from sd.cli import WeightsError
+from sd.cli import MissingWeights, WeightsError
 from sd.clip import TextEncoder
 from sd.config import PRESETS, ModelConfig, preset
 from sd.unet import UNet
@@ -73,7 +73,8 @@ def _component(path: Path, name: str, prefer_fp16: bool) -> Path:
         if option.is_file():
             return option
     raise WeightsError(f"{path}: no {name} weights (looked for {options[0].name} and "
-                       f"{options[1].name} in {stem.parent}). Fetch them with `make weights`.")
+                       f"{options[1].name} in {stem.parent}); download the model's files again "
+                       "(weights/README.md)")
 
 
 def _tidy(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,8 +145,8 @@ def state_dicts(path: str | Path, cfg: ModelConfig, prefer_fp16: bool = False) -
     if path.is_dir():
         return {n: _tidy(n, read(_component(path, n, prefer_fp16))) for n in FILES}
     if not path.exists():
-        raise WeightsError(f"{path}: no such file or folder. Fetch the weights with "
-                           "`make weights` (see weights/README.md).")
+        raise WeightsError(f"{path}: no such file or folder (weights/README.md says where the "
+                           "weights come from)")
     return {n: _tidy(n, sd) for n, sd in ldm.convert(read(path), cfg, path).items()}
 
 
@@ -235,16 +236,9 @@ def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None,
     name = model if model != "auto" else "sd2.1-base"
     weights = weights or Path("weights") / name
     if name == "toy" and not (weights / "unet").exists():
-        raise WeightsError(
-            f"No toy model at {weights} (its unet/ is missing). The toy model is committed in "
-            "weights/toy of this repository (git checkout weights/toy); `make toy` retrains it "
-            "from scratch (about 2 CPU hours).")
+        raise MissingWeights(f"No toy model at {weights} (its unet/ is missing).", "toy")
     if not weights.exists():
-        raise WeightsError(
-            f"No SD 2.1 weights at {weights}.\nDownload them (about 2.6 GB) with:\n"
-            f"    make weights MODEL={name}\nor: python weights/fetch.py {name}\n"
-            "See weights/README.md for the files, the mirrors and the licence. To try the "
-            "code without weights, use --model tiny (random weights).")
+        raise MissingWeights(f"No SD 2.1 weights at {weights}.", name)
     if model == "auto":
         model, why = detect_preset(weights)
         return preset(model), weights, why

@@ -207,8 +207,13 @@ def test_ctrl_c_is_one_line_and_exit_code_130(command, tmp_path, photo):
     line = run.stderr.readline()  # the model: line, printed before loading
     assert line.startswith("model:"), line
     time.sleep(3)  # into the work
-    run.send_signal(signal.SIGINT)
-    err = run.communicate(timeout=120)[1]
+    for _ in range(6):  # a Ctrl-C that lands in a finalizer is ignored by Python: press it again
+        run.send_signal(signal.SIGINT)
+        try:
+            err = run.communicate(timeout=20)[1]
+            break
+        except subprocess.TimeoutExpired:
+            continue
     print(line + err)
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err

@@ -190,10 +190,10 @@ def test_older_diffusers_files(tmp_path, tiny):
 # Bad input: one clear error naming the file and what to do.
 
 def test_missing_file_and_folder(tmp_path):
-    with pytest.raises(WeightsError, match=r"no such file.*make weights"):
+    with pytest.raises(WeightsError, match=r"no such file.*weights/README.md"):
         weights.load(tmp_path / "nope.safetensors", TINY)
     (tmp_path / "unet").mkdir()
-    with pytest.raises(WeightsError, match=r"no unet weights.*make weights"):
+    with pytest.raises(WeightsError, match=r"no unet weights.*download"):
         weights.load(tmp_path, TINY)
 
 

@@ -317,10 +317,7 @@ def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
     """A trainer's start, before anything loads: the run (--device checked), the preset (absent
     weights: how to download them), and the side of the training images."""
     run = start(args.device, args.quiet)
-    try:
-        cfg = resolve(args.model, args.weights)[0]
-    except WeightsError as e:
-        raise UsageError(str(e)) from None
+    cfg = resolve(args.model, args.weights)[0]
     side = args.resolution or cfg.resolution
     if side % cfg.vae.factor:
         raise UsageError(f"--resolution must be a multiple of {cfg.vae.factor}, got {side}")
@@ -339,10 +336,7 @@ def load_pipeline(model: str, weights: Path | None, device: torch.device, seed: 
         with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
             torch.manual_seed(seed)
             return Pipeline.load(preset("tiny"), None, device, torch.float32)
-    try:
-        cfg, weights, _ = resolve(model, weights)
-    except WeightsError as e:
-        raise UsageError(str(e)) from None
+    cfg, weights, _ = resolve(model, weights)
     return Pipeline.load(cfg, weights, device, torch.float32)
 
 

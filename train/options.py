@@ -113,7 +113,7 @@ def main(prog: str, parse: Callable[[list[str] | None], argparse.Namespace], met
         cli.threads(args.threads, resolve(args.model, args.weights)[0])
         train(args)
     except ValueError as e:  # UsageError, WeightsError: what was given
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        print(f"error: {cli.one_line(e)}{cli.advice(e)}", file=sys.stderr)
         return cli.USAGE
     except (OSError, MemoryError) as e:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
