@@ -4,15 +4,15 @@ answer before torch loads.
 
 Exit codes, one policy for every entry point (`run`):
     2    what the user gave is wrong (an argument, a file, the weights): ValueError, which
-         UsageError and sd.weights.WeightsError are; printed as one `error:` line;
+         UsageError and WeightsError below are; printed as one `error:` line;
     1    the work failed (a disk that fills, a folder that goes away, memory): OSError,
          MemoryError, out of GPU memory; one `error:` line;
     130  interrupted (Ctrl-C): one line; every file is written atomically, so nothing is left
          half-written.
 Anything else is a bug and keeps its traceback.
 
-Threads (`threads`): two OpenMP threads on two busy cores spin and run 5-80x slower than one
-(BENCHMARKS.md, "Threads"). Small models (the tiny and toy presets: a UNet call is a few
+Threads (`threads`): two OpenMP threads on two busy cores spin at every barrier and run slower
+than one (BENCHMARKS.md, "Threads": 1.2x to over 4x beside four busy processes). Small models (the tiny and toy presets: a UNet call is a few
 milliseconds, too little to share) run on one thread by default; SD-size models keep torch's
 default, all cores. `--threads N`, else TORCH_THREADS, else OMP_NUM_THREADS (which torch reads
 itself), overrides the default.
