@@ -12,10 +12,10 @@ Exit codes, one policy for every entry point (`run`):
 Anything else is a bug and keeps its traceback.
 
 Threads (`threads`): two OpenMP threads on two busy cores spin at every barrier and run slower
-than one (BENCHMARKS.md, "Threads": 1.2x to over 4x beside four busy processes). Small models (the tiny and toy presets: a UNet call is a few
-milliseconds, too little to share) run on one thread by default; SD-size models keep torch's
-default, all cores. `--threads N`, else TORCH_THREADS, else OMP_NUM_THREADS (which torch reads
-itself), overrides the default.
+than one (BENCHMARKS.md, "Threads": 1.2x to over 4x beside four busy processes). Small models
+(the tiny and toy presets: a UNet call is a few milliseconds, too little to share) run on one
+thread by default; SD-size models keep torch's default, all cores. `--threads N`, else
+TORCH_THREADS, else OMP_NUM_THREADS (which torch reads itself), overrides the default.
 """
 
 import argparse
