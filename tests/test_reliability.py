@@ -204,16 +204,20 @@ def test_ctrl_c_is_one_line_and_exit_code_130(command, tmp_path, photo):
     run = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=ENV,
                            stderr=subprocess.PIPE, text=True,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    line = run.stderr.readline()  # the model: line, printed before loading
-    assert line.startswith("model:"), line
-    time.sleep(3)  # into the work
-    for _ in range(6):  # a Ctrl-C that lands in a finalizer is ignored by Python: press it again
-        run.send_signal(signal.SIGINT)
-        try:
-            err = run.communicate(timeout=20)[1]
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        line = run.stderr.readline()  # the model: line, printed before loading
+        assert line.startswith("model:"), line
+        time.sleep(3)  # into the work
+        for _ in range(6):  # a first Ctrl-C is now and then not acted on: press it again
+            run.send_signal(signal.SIGINT)
+            try:
+                err = run.communicate(timeout=20)[1]
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:  # never leave a child running (it would slow every later test)
+        run.kill()
+        run.wait()
     print(line + err)
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err
