@@ -1,13 +1,13 @@
 """How the `toy` swap preset was chosen (photoswap/control.py): swap settings side by side on
-held-out toy scenes that the benchmark (EVAL.md, scenes 0-3) does not use.
+held-out toy scenes that the benchmark (EVAL.md, scenes 0-15) does not use.
 
-    python -m bench.swap_presets                     # scenes 4-11 x the three concepts
-    python -m bench.swap_presets --first 12 --count 8
+    python -m bench.swap_presets                     # scenes 16-23 x the four concepts
+    python -m bench.swap_presets --first 24 --count 8 --concepts dotted-star
 
 For each concept (DreamBooth'd and cached as `make swap` does) the scenes are null-text inverted
 once; every setting then swaps all of them from those inversions (toy/swap.py `swaps`) and
-is scored as EVAL.md scores (toy/metrics.py): mean background PSNR (capped at 60 dB),
-layout IoU and concept fidelity over scenes x concepts. About 2 minutes per concept for the
+is scored as EVAL.md scores (toy/swap.py `score`): mean background PSNR (capped at 60 dB),
+layout IoU and identity over scenes x concepts. About 2 minutes per concept for the
 inversions and 20 s per setting on 2 CPU threads.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from photoswap.control import PRESETS, Settings, no_swap, p2p
 from sd import cli
 from sd.config import TOY
-from toy import concepts, metrics
+from toy import concepts
 from toy import swap as toy
 from toy.evaluate import mean
 
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.swap_presets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
-    p.add_argument("--first", type=int, default=4, help="first held-out scene (4)")
+    p.add_argument("--first", type=int, default=16, help="first held-out scene (16)")
     p.add_argument("--count", type=int, default=8, help="scenes (8)")
+    p.add_argument("--concepts", nargs="+", choices=sorted(concepts.CONCEPTS),
+                   default=sorted(concepts.CONCEPTS))
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
     cli.add_threads(p)
     args = p.parse_args(argv)
@@ -56,23 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     cli.threads(args.threads, TOY)
     started = time.time()
     srcs = [toy.source(i) for i in range(args.first, args.first + args.count)]
-    work = []  # per concept: (pipe, inversions, target words, reference statistics)
-    for name in sorted(concepts.CONCEPTS):
+    work = []  # per concept: (pipe, inversions, target words, what scores against it)
+    for name in args.concepts:
         pipe = toy.load(toy.concept_model(name, args.weights, args.cache))
         words = [toy.target_prompt(s, name)[1] for s in srcs]
-        stats = metrics.concept_stats(concepts.references(name))
-        work.append((pipe, [toy.invert_source(pipe, s) for s in srcs], words, stats))
+        m = toy.measure(name, args.weights)
+        work.append((pipe, [toy.invert_source(pipe, s) for s in srcs], words, m))
         print(f"{name}: inverted {len(srcs)} scenes", file=sys.stderr)
     print(f"scenes {args.first}-{args.first + args.count - 1} x {len(work)} concepts")
-    print(f"{'setting':28s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s}")
+    print(f"{'setting':28s} {'bg PSNR':>8s} {'IoU':>6s} {'identity':>8s}")
     for label, settings in candidates().items():
         rows = []
-        for pipe, invs, words, stats in work:
+        for pipe, invs, words, m in work:
             images = toy.swaps(pipe, srcs, invs, words, ("photoswap",), base=settings)
-            rows += [toy.score(a, s, stats) for a, s in zip(images["photoswap"], srcs)]
+            rows += [toy.score(a, s, m) for a, s in zip(images["photoswap"], srcs)]
         v = mean(rows)
         print(f"{label:28s} {v['background_psnr']:8.2f} {v['layout_iou']:6.3f} "
-              f"{v['fidelity']:8.3f}", flush=True)
+              f"{v['identity']:8.3f}", flush=True)
     print(f"{time.time() - started:.0f} s")
     return 0
 

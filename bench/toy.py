@@ -4,12 +4,13 @@
     python -m bench.toy --weights DIR --samples 96 --scenes 16 --guidance 7.5
 
 Adherence (toy.judge.adherence): one held-out single-subject caption per sample ("a photo of
-a red circle on a blue striped background", toy/scenes.py's test split), read by the judge
-(weights/toy/judge.safetensors); the share of samples whose shape, and whose colour, is the
-caption's. Chance is 1/6 for shape and 1/8 for colour.
+a purple star with white dots on a blue background", toy/scenes.py's test split), read by the
+judge (weights/toy/judge.safetensors); the share of samples whose shape, whose colour and whose
+texture is the caption's. Chance is 1/6 for shape, 1/8 for colour and 2/5 for texture.
 
-Inversion: held-out scenes (one subject) encoded with the VAE, inverted with the scene's caption,
-then redrawn by guided DDIM and decoded: PSNR against the scene. "ddim" redraws plain DDIM
+Inversion: held-out scenes (one subject), and scenes of the second renderer (toy/outside.py),
+encoded with the VAE, inverted with the scene's caption, then redrawn by guided DDIM and
+decoded: PSNR against the scene. "ddim" redraws plain DDIM
 inversion's x_T with the empty prompt as the unconditional context; "null-text" with the
 optimised per-step contexts (train/inversion.py). "vae" is the reconstruction's ceiling: the
 scene encoded and decoded, no diffusion.
@@ -27,17 +28,22 @@ from PIL import Image
 from sd.config import TOY
 from sd.pipeline import Pipeline
 from toy import judge as judgelib
-from toy import scenes
+from toy import outside, scenes
 from train.inversion import ddim_inversion, invert, psnr, reconstruct
 
 
-def inversion(pipe: Pipeline, scenes_n: int, steps: int, guidance: float) -> dict:
+def held_out(count: int) -> list[tuple]:
+    """The first `count` held-out one-subject scenes: (image uint8 [64, 64, 3], caption)."""
+    shown = [scenes.test_scene(i, two=0.0) for i in range(count)]
+    return [(scenes.render(s)[0], scenes.caption(s)) for s in shown]
+
+
+def inversion(pipe: Pipeline, pictures: list[tuple], steps: int, guidance: float) -> dict | None:
+    if not pictures:
+        return None
     rows = {"vae": [], "ddim": [], "null-text": []}
-    for i in range(scenes_n):
-        scene = scenes.test_scene(i, two=0.0)
-        image, _, _ = scenes.render(scene)
+    for image, prompt in pictures:
         target = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        prompt = scenes.caption(scene)
         latent = pipe.encode(Image.fromarray(image))
         rows["vae"].append(psnr(pipe.decode(latent), target))
         cond = pipe.encode_prompt(prompt)
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--judge", type=Path, default=Path("weights/toy/judge.safetensors"))
     p.add_argument("--samples", type=int, default=96, help="adherence samples (default 96)")
     p.add_argument("--scenes", type=int, default=16, help="inverted scenes (default 16)")
+    p.add_argument("--outside", type=int, default=16,
+                   help="inverted scenes of the second renderer, toy/outside.py (default 16)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 5.0],
                    help="CFG scales for adherence; the first also for inversion")
@@ -68,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     out = {"weights": str(a.weights), "steps": a.steps, "samples": a.samples, "adherence": [
         {"guidance": g, **judgelib.adherence(pipe, judge, a.samples, a.steps, g)[0]}
         for g in a.guidance]}
-    out["inversion"] = inversion(pipe, a.scenes, a.steps, a.guidance[0]) if a.scenes else None
+    out["inversion"] = inversion(pipe, held_out(a.scenes), a.steps, a.guidance[0])
+    out["inversion outside"] = inversion(pipe, [outside.scene(i) for i in range(a.outside)],
+                                         a.steps, a.guidance[0])
     out["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(out, indent=1))
 

@@ -205,7 +205,8 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
     world, results, shown = heldout.world, {}, []
     for n, scene in enumerate(heldout.scenes(scenes)):
         subject = scene.subjects[0]
-        colours = [c for c in world.COLOURS if c not in (subject.colour, scene.background)]
+        taken = (subject.colour, subject.second, scene.background, scene.second)
+        colours = [c for c in world.COLOURS if c not in taken]
         edited = replace(scene, subjects=(replace(subject, colour=colours[n % len(colours)]),))
         photo, masks, _ = world.render(scene)
         photo, ideal = heldout.image(photo), heldout.image(world.render(edited)[0])

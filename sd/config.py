@@ -111,15 +111,20 @@ TINY = ModelConfig(
 
 # The toy world's model (toy/pretrain.py trains it on toy/scenes.py; weights/toy/README.md):
 # SD 2.1-base's modules, tokenizer and schedule at widths sized by measurement to train on two CPU
-# cores in about two hours. The VAE has one downsampling fewer (factor 4: 64 px -> 16x16x4).
+# cores in about two hours. The VAE has one downsampling fewer (factor 4: 64 px -> 16x16x8).
 TOY = ModelConfig(
     name="toy",
     text=TextConfig(width=64, layers=4, heads=4, mlp_width=256),
-    # scaling: 1 / std of the trained VAE's sampled latents of 2,048 training scenes (measured
-    # 1.0037 by toy/pretrain.py; weights/toy/README.md), the role 0.18215 plays for SD.
-    vae=VAEConfig(channels=(16, 32, 64), layers_per_block=1, groups=8, scaling=0.99636),
+    # 8 latent channels, not SD's 4, for the textures and two-colour backgrounds of the toy
+    # world's second version (weights/toy/README.md, "Sizes"). scaling: 1 / std of the sampled
+    # latents of 2,048 training scenes through the trained VAE (measured 1.0716 by
+    # toy/pretrain.py), the role 0.18215 plays for SD.
+    vae=VAEConfig(channels=(16, 32, 64), layers_per_block=1, groups=8, latent_channels=8,
+                  scaling=1.0716),
     unet=UNetConfig(
         channels=(32, 64, 64),
+        in_channels=8,
+        out_channels=8,
         attention=(True, True, False),
         heads=(2, 4, 4),
         layers_per_block=1,

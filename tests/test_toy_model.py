@@ -8,7 +8,6 @@ CPUs' kernels: these are behaviours, not parity checks.
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_parity
@@ -16,10 +15,13 @@ from PIL import Image
 
 from sd.config import TOY
 from sd.pipeline import Pipeline
-from toy import concepts, scenes
+from toy import scenes
 from train.inversion import ddim_inversion, invert, psnr, reconstruct
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
+# Measured on this machine: dotted-star's identity 0.114 DreamBooth'd against 0.021 untuned over
+# these 6 contexts (EVAL.md has all four concepts over 24).
+DREAMBOOTH_GAIN = 0.05
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet").is_dir(),
                                 reason="weights/toy has no unet/ (make toy trains it)")
 
@@ -39,7 +41,7 @@ def test_diffusers_reads_the_committed_model_as_we_do(pipe):
     text = CLIPTextModel.from_pretrained(WEIGHTS, subfolder="text_encoder", **kw).eval()
     g = torch.Generator().manual_seed(0)
     ids = pipe.tokenizer(["a photo of a red circle on a blue striped background"])
-    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900])
+    x, t = torch.randn(2, TOY.vae.latent_channels, 16, 16, generator=g), torch.tensor([10, 900])
     with torch.no_grad():
         ours_ctx = pipe.models.text_encoder(ids)
         ref_ctx = text(ids).last_hidden_state  # SD 2.x's penultimate layer is configured away
@@ -63,15 +65,14 @@ def test_null_text_inversion_redraws_a_held_out_scene(pipe):
 
 
 def test_dreambooth_teaches_a_concept(pipe, tmp_path):
-    from toy import metrics  # noqa: PLC0415
     from toy import swap as toy  # noqa: PLC0415
-    from toy.evaluate import sample_fidelity  # noqa: PLC0415
+    from toy.evaluate import contexts, sample_identity  # noqa: PLC0415
 
     name = "dotted-star"
-    stats = metrics.concept_stats(concepts.references(name))
     tuned = toy.load(toy.concept_model(name, WEIGHTS, root=tmp_path))
-    scores = [sample_fidelity(p, name, stats, count=4, steps=20) for p in (tuned, pipe)]
-    print(f"concept fidelity of 'a photo of sks star': DreamBooth'd {scores[0]:.3f}, "
+    m = toy.measure(name, WEIGHTS)
+    backgrounds = contexts(name, 6)
+    scores = [sample_identity(p, "sks star", backgrounds, m) for p in (tuned, pipe)]
+    print(f"identity of 'a photo of sks star on ...' (6 contexts): DreamBooth'd {scores[0]:.3f}, "
           f"untuned {scores[1]:.3f}")
-    assert scores[0] > scores[1] + 0.2
-    assert np.isfinite(scores).all()
+    assert scores[0] > scores[1] + DREAMBOOTH_GAIN

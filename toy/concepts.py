@@ -1,12 +1,14 @@
-"""DreamBooth concepts for the toy world: textured subjects that pretraining never shows.
+"""DreamBooth concepts for the toy world: particular objects the base model can almost describe.
 
-Each concept is a subject of a shape pretraining knows (its class word) drawn in a way no
-pretraining scene is: white polka dots, two-tone stripes in a colour outside the eight named ones
-(pink), a notch cut out of a ring. The notched ring is orange, a named colour: the toy VAE, trained
-on the named colours only, decodes teal (its first colour) as purple (its references at 17-18 dB,
-mean teal (1, 148, 152) -> (109, 54, 155)), so DreamBooth could learn its notch, not its paint. Its
-reference images vary pose, size, position and background; they are drawn from fixed seeds of their
-own, so they are the same on every machine.
+Each concept is one specific object whose kind the base model knows in words (its shape, paints
+and texture: "a purple star with white dots") but not its identity: pretraining draws every
+texture with its period, size, direction and phase at random, and never draws an outline or a
+notch, so "a purple star with white dots" names a family of looks and the concept is one member
+of it (its dot spacing, dot size and phase; a stripe direction and a black rim; a notch; the split
+direction of a two-tone and a white rim). Its 5 reference images vary pose, size, position and
+background, from fixed seeds of their own, so they are the same on every machine; renders from
+further seeds are the concept's held-out views, and `lookalike` draws the same kind with another
+layout (what the identity measure, toy/identity.py, must tell apart).
 """
 
 from dataclasses import replace
@@ -19,34 +21,57 @@ from toy.scenes import COLOURS, PATTERNS, SIZE, Scene, Subject, render
 
 # name -> (class word, the concept's subject at unit pose)
 CONCEPTS: dict[str, tuple[str, Subject]] = {
-    "dotted-star": ("star", Subject("star", "purple", 0, 0, 1, 0, texture="dots")),
-    "striped-heart": ("heart", Subject("heart", "pink", 0, 0, 1, 0, texture="stripes:blue")),
-    "notched-ring": ("ring", Subject("ring", "orange", 0, 0, 1, 0, texture="notched")),
+    "dotted-star": ("star", Subject("star", "purple", 0, 0, 1, 0, texture="dotted",
+                                    second="white", period=0.5, duty=0.3)),
+    "striped-heart": ("heart", Subject("heart", "red", 0, 0, 1, 0, texture="striped",
+                                       second="white", period=0.45, duty=0.35, turn=45,
+                                       outline="black")),
+    "notched-ring": ("ring", Subject("ring", "orange", 0, 0, 1, 0, notch=True)),
+    "two-tone-square": ("square", Subject("square", "blue", 0, 0, 1, 0, texture="two-tone",
+                                          second="yellow", turn=45, outline="white")),
 }
 REFERENCES = 5
 CONCEPT_SEED = 2 * 10**9  # above both scene splits
 
 
-def concept_scene(name: str, index: int) -> Scene:
-    """Reference scene `index` of a concept: one subject, varied pose, on a varied background."""
+def concept_scene(name: str, index: int, subject: Subject | None = None) -> Scene:
+    """View `index` of a concept (0-4: its references; from 5: held-out views): one subject,
+    varied pose, on a varied background in colours the subject does not use. With `subject`,
+    that subject (a lookalike) in the same pose and scene."""
     if name not in CONCEPTS:
         raise ValueError(f"unknown concept {name!r}; choose one of {sorted(CONCEPTS)}")
     rng = np.random.default_rng([CONCEPT_SEED, sorted(CONCEPTS).index(name), index])
-    base = CONCEPTS[name][1]
+    base = CONCEPTS[name][1] if subject is None else subject
     radius = float(rng.uniform(14, 20))
     x, y = rng.uniform(radius + 1, SIZE - radius - 1, size=2)
     subject = replace(base, x=float(x), y=float(y), radius=radius,
                       angle=float(rng.uniform(-25, 25)))
-    # Backgrounds far from the concept's own colours, so the subject stays easy to see.
-    bgs = [c for c in COLOURS if c not in ("white", base.colour)]
-    return Scene((subject,), str(rng.choice(bgs)), str(rng.choice(PATTERNS)),
-                 int(rng.choice([6, 8, 10, 12])), int(rng.integers(3)))
+    own = {base.colour, base.second, base.outline}
+    bgs = [c for c in COLOURS if c not in own]
+    bg, pattern = str(rng.choice(bgs)), str(rng.choice(PATTERNS))
+    second = str(rng.choice([c for c in bgs if c != bg])) if rng.random() < 0.5 else None
+    return Scene((subject,), bg, pattern, int(rng.choice([4, 6, 8, 10, 12, 16])),
+                 int(rng.integers(4)), second if pattern != "solid" else None)
 
 
-def references(name: str, count: int = REFERENCES) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image uint8 [64, 64, 3], mask bool [64, 64]) for each reference image of a concept."""
+def lookalike(name: str, index: int) -> Subject:
+    """A subject of the concept's kind (shape, paints, texture) in another layout: the period,
+    size, direction and phase of its texture drawn as pretraining draws them, and no rim or
+    notch (a solid concept's lookalike is the plain shape)."""
+    base = CONCEPTS[name][1]
+    rng = np.random.default_rng([CONCEPT_SEED, sorted(CONCEPTS).index(name), index, 1])
+    return replace(base, outline=None, notch=False, period=float(rng.uniform(0.35, 0.9)),
+                   duty=float(rng.uniform(0.2, 0.38) if base.texture == "dotted"
+                              else rng.uniform(0.3, 0.6)),
+                   turn=float(rng.uniform(0, 180)), phase=tuple(map(float, rng.random(2))))
+
+
+def references(name: str, count: int = REFERENCES,
+               first: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image uint8 [64, 64, 3], mask bool [64, 64]) of views first.. of a concept (the
+    references by default)."""
     out = []
-    for i in range(count):
+    for i in range(first, first + count):
         image, masks, _ = render(concept_scene(name, i))
         out.append((image, masks[0]))
     return out

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from toy import scenes
+from toy import outside, scenes
 
 
 def pool(split: str, count: int, cache: Path | None = None, progress: bool = True):
-    """(images uint8 [N, 64, 64, 3], captions [N]) of the first `count` scenes of a split."""
-    draw = {"train": scenes.train_scene, "test": scenes.test_scene}[split]
+    """(images uint8 [N, 64, 64, 3], captions [N]) of the first `count` scenes of a split
+    (toy/scenes.py); split "outside": scenes of toy/outside.py's second renderer."""
+    draw = {"train": scenes.train_scene, "test": scenes.test_scene, "outside": None}[split]
     file = None if cache is None else Path(cache) / f"pool-{split}-{count}.npz"
     if file is not None and file.exists():
         data = np.load(file)
@@ -24,9 +25,12 @@ def pool(split: str, count: int, cache: Path | None = None, progress: bool = Tru
     images = np.empty((count, scenes.SIZE, scenes.SIZE, 3), np.uint8)
     captions = []
     for i in tqdm(range(count), desc=f"rendering {split}", disable=not progress):
-        scene = draw(i)
-        images[i] = scenes.render(scene)[0]
-        captions.append(scenes.caption(scene))
+        if draw is None:
+            images[i], text = outside.scene(i)
+        else:
+            scene = draw(i)
+            images[i], text = scenes.render(scene)[0], scenes.caption(scene)
+        captions.append(text)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(file.name + ".tmp.npz")
@@ -40,17 +44,27 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def crops(images: np.ndarray, batch: int, crop: int, g: torch.Generator) -> torch.Tensor:
-    """A batch of random crops (and horizontal flips) from a pool, [-1, 1] [B, 3, crop, crop]."""
+def crops(images: np.ndarray, batch: int, crop: int, g: torch.Generator,
+          widen: bool = False) -> torch.Tensor:
+    """A batch of random crops (and horizontal flips) from a pool, [-1, 1] [B, 3, crop, crop].
+    With `widen`, also quarter turns and a per-channel colour gain and offset (+-10%), so the
+    VAE sees directions and paints beyond the world's own."""
     idx = torch.randint(len(images), (batch,), generator=g)
     side = images.shape[1]
     oy, ox = torch.randint(side - crop + 1, (2, batch), generator=g)
     flip = torch.rand(batch, generator=g) < 0.5
+    turns = torch.randint(4 if widen else 1, (batch,), generator=g)
     out = []
-    for i, y, x, f in zip(idx.tolist(), oy.tolist(), ox.tolist(), flip.tolist()):
+    for i, y, x, f, k in zip(idx.tolist(), oy.tolist(), ox.tolist(), flip.tolist(),
+                             turns.tolist()):
         a = images[i, y : y + crop, x : x + crop]
-        out.append(a[:, ::-1] if f else a)
-    return to_tensor(np.ascontiguousarray(np.stack(out)))
+        out.append(np.rot90(a[:, ::-1] if f else a, k))
+    x = to_tensor(np.ascontiguousarray(np.stack(out)))
+    if widen:
+        gain = 1 + 0.2 * (torch.rand(batch, 3, 1, 1, generator=g) - 0.5)
+        offset = 0.2 * (torch.rand(batch, 3, 1, 1, generator=g) - 0.5)
+        x = (x * gain + offset).clamp(-1, 1)
+    return x
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""The toy world's judge: a small CNN that reads a single-subject scene's shape and colour.
+"""The toy world's judge: a small CNN that reads a single-subject scene's shape, colour and texture.
 
-It measures text adherence of generated samples ("the subject's shape and colour match
-the caption in at least 80% of samples for each attribute"). Trained on the generator's own labels
-(training-split scenes with one subject), with noise, blur and colour jitter so that it reads
-decoded VAE outputs too; its accuracy on held-out scenes is reported next to every adherence
-figure, since a judge's errors bound what it can certify.
+It measures text adherence of generated samples (the share whose subject the judge reads as the
+caption's shape, colour and texture). Trained on the generator's own labels (training-split
+scenes with one subject), with noise, blur and colour jitter so that it reads decoded VAE
+outputs too; its accuracy on held-out scenes is reported next to every adherence
+figure, since a judge's errors bound what it can certify. A two-tone subject's colour is either of
+its two (which half is "first" is not drawn), so it is learnt and read as either.
 
-    python -m toy.judge -o out/toyrun/judge.pt          # train (a few CPU minutes), report
+    python -m toy.judge -o out/toyrun/judge.pt          # train (about 30 CPU minutes), report
 """
 
 import argparse
@@ -22,13 +23,14 @@ from tqdm.auto import tqdm
 
 from toy import scenes
 
-SHAPES, COLOURS = scenes.SHAPES, list(scenes.COLOURS)
+SHAPES, COLOURS, TEXTURES = scenes.SHAPES, list(scenes.COLOURS), scenes.TEXTURES
 
 
 class Judge(nn.Module):
-    """Images [B, 3, 64, 64] in [-1, 1] -> (shape logits [B, 6], colour logits [B, 8])."""
+    """Images [B, 3, 64, 64] in [-1, 1] -> logits of (shape [B, 6], colour [B, 8], texture
+    [B, 5])."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 32):
         super().__init__()
         # A strided stem first: full-resolution convolutions cost seconds per step on one core.
         layers, c_in = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.ReLU()], width
@@ -39,24 +41,33 @@ class Judge(nn.Module):
         self.body = nn.Sequential(*layers)
         self.shape = nn.Linear(c_in, len(SHAPES))
         self.colour = nn.Linear(c_in, len(COLOURS))
+        self.texture = nn.Linear(c_in, len(TEXTURES))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.body(x).amax(dim=(2, 3))  # max-pool: a subject is small and anywhere
-        return self.shape(h), self.colour(h)
+        return self.shape(h), self.colour(h), self.texture(h)
 
 
-def labelled(indices, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Single-subject scenes of a split: images [-1, 1], shape ids, colour ids."""
+def labels(s: scenes.Subject) -> tuple[int, torch.Tensor, int]:
+    """(shape id, colour target [8]: one-hot, or half and half for a two-tone, texture id)."""
+    colour = torch.zeros(len(COLOURS))
+    both = (s.colour, s.second) if s.texture == "two-tone" else (s.colour,)
+    for c in both:
+        colour[COLOURS.index(c)] = 1 / len(both)
+    return SHAPES.index(s.shape), colour, TEXTURES.index(s.texture)
+
+
+def labelled(indices, split: str) -> tuple[torch.Tensor, ...]:
+    """Single-subject scenes of a split: images [-1, 1], shape ids, colour targets, texture ids."""
     draw = {"train": scenes.train_scene, "test": scenes.test_scene}[split]
-    xs, ys, cs = [], [], []
+    xs, ys, cs, ts = [], [], [], []
     for i in indices:
         scene = draw(i, two=0.0)
-        s = scene.subjects[0]
         xs.append(scenes.render(scene)[0])
-        ys.append(SHAPES.index(s.shape))
-        cs.append(COLOURS.index(s.colour))
+        y, c, t = labels(scene.subjects[0])
+        ys.append(y), cs.append(c), ts.append(t)
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.tensor(ys), torch.tensor(cs)
+    return x, torch.tensor(ys), torch.stack(cs), torch.tensor(ts)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -71,11 +82,21 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(judge: Judge, images: torch.Tensor) -> tuple[list[str], list[str]]:
-    """(shapes, colours) the judge reads in images [B, 3, 64, 64] in [-1, 1]."""
+def predict(judge: Judge, images: torch.Tensor) -> tuple[list[str], list[str], list[str]]:
+    """(shapes, colours, textures) the judge reads in images [B, 3, 64, 64] in [-1, 1]."""
     judge.eval()
-    shape, colour = judge(images.float())
-    return [SHAPES[i] for i in shape.argmax(1)], [COLOURS[i] for i in colour.argmax(1)]
+    shape, colour, texture = judge(images.float())
+    return ([SHAPES[i] for i in shape.argmax(1)], [COLOURS[i] for i in colour.argmax(1)],
+            [TEXTURES[i] for i in texture.argmax(1)])
+
+
+def agreement(read: tuple[list[str], ...], truth: list[scenes.Subject]) -> dict:
+    """The share of subjects read right: shape, colour (a two-tone's either), texture."""
+    shapes, colours, textures = read
+    both = [(t.colour, t.second) if t.texture == "two-tone" else (t.colour,) for t in truth]
+    return {"shape_ok": float(np.mean([s == t.shape for s, t in zip(shapes, truth)])),
+            "colour_ok": float(np.mean([c in b for c, b in zip(colours, both)])),
+            "texture_ok": float(np.mean([x == t.texture for x, t in zip(textures, truth)]))}
 
 
 @torch.no_grad()
@@ -83,24 +104,24 @@ def adherence(pipe, judge: Judge, count: int = 96, steps: int = 20, guidance: fl
               batch: int = 48) -> tuple[dict, torch.Tensor]:
     """Text adherence of a toy model (a Pipeline): sample the first `count` held-out
     single-subject captions (batch k from seed k * batch) and give the share of samples whose
-    subject the judge reads as the caption's shape, and as its colour (chance: 1/6 and 1/8).
-    Returns those figures and the samples, [count, 3, 64, 64] in [0, 1]."""
+    subject the judge reads as the caption's shape, colour and texture (chance: 1/6, 1/8 and
+    2/5: solid is 40% of subjects). Returns those figures and the samples, [count, 3, 64, 64]
+    in [0, 1]."""
     truth = [scenes.test_scene(i, two=0.0) for i in range(count)]
     prompts = [scenes.caption(t) for t in truth]
     images = torch.cat([pipe.decode(pipe(prompts[i : i + batch], steps=steps, guidance=guidance,
                                          seed=i, output="latent"))
                         for i in range(0, count, batch)])
-    shapes, colours = predict(judge, images * 2 - 1)
-    return ({"shape_ok": float(np.mean([s == t.subjects[0].shape
-                                        for s, t in zip(shapes, truth)])),
-             "colour_ok": float(np.mean([c == t.subjects[0].colour
-                                         for c, t in zip(colours, truth)]))}, images)
+    read = predict(judge, images * 2 - 1)
+    return agreement(read, [t.subjects[0] for t in truth]), images
 
 
-def accuracy(judge: Judge, x, ys, cs) -> tuple[float, float]:
-    shapes, colours = predict(judge, x)
-    return (float(np.mean([s == SHAPES[y] for s, y in zip(shapes, ys)])),
-            float(np.mean([c == COLOURS[y] for c, y in zip(colours, cs)])))
+def accuracy(judge: Judge, indices, split: str = "test") -> dict:
+    """The judge's own accuracy on renders of single-subject scenes of a split."""
+    x = labelled(indices, split)[0]
+    draw = {"train": scenes.train_scene, "test": scenes.test_scene}[split]
+    truth = [draw(i, two=0.0).subjects[0] for i in indices]
+    return agreement(predict(judge, x), truth)
 
 
 def load(file: str | Path) -> Judge:
@@ -116,8 +137,7 @@ def load(file: str | Path) -> Judge:
 def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, ys, cs = labelled(range(count), "train")
-    tx, tys, tcs = labelled(range(1000), "test")
+    x, ys, cs, ts = labelled(range(count), "train")
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
@@ -128,13 +148,14 @@ def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -
         xb = augment(x[i], g)
         flip = torch.rand(64, generator=g) < 0.5  # shapes are mirror-symmetric
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        shape, colour = judge(xb)
-        loss = F.cross_entropy(shape, ys[i]) + F.cross_entropy(colour, cs[i])
+        shape, colour, texture = judge(xb)
+        loss = (F.cross_entropy(shape, ys[i]) + F.cross_entropy(colour, cs[i])
+                + F.cross_entropy(texture, ts[i]))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    report = dict(zip(("shape", "colour"), accuracy(judge, tx, tys, tcs)))
+    report = accuracy(judge, range(1000))
     report.update(train_scenes=count, steps=steps, seconds=round(time.time() - t0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -149,8 +170,8 @@ def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("--count", type=int, default=6000, help="training scenes")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--count", type=int, default=30000, help="training scenes (30000)")
+    p.add_argument("--steps", type=int, default=10000, help="batches of 64 (10000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()

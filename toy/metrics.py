@@ -12,7 +12,7 @@ bool [H, W] masks, so they are tested on synthetic arrays (tests/test_toy_swap.p
 - concept fidelity: how much the pixels of a region look like the concept's reference subjects
   (their exact masks), from two statistics, each in [0, 1]:
   colour, the histogram intersection of the named-paint histograms (every pixel counted as the
-  nearest of toy.scenes.PAINTS, so a VAE's small colour shifts do not move it across bins);
+  nearest of toy.scenes.COLOURS, so a VAE's small colour shifts do not move it across bins);
   texture, min/max of the mean absolute difference between 4-neighbours inside the region eroded
   by 1 px (polka dots and stripes are busy, flat paint is not; the outline is left out).
   fidelity = (colour + texture) / 2.
@@ -25,11 +25,11 @@ import math
 
 import numpy as np
 
-from toy.scenes import PAINTS
+from toy.scenes import COLOURS
 
 DILATE = 3  # pixels: the anti-aliased edge is 1 px, the toy VAE's blur about 2 more
 REGION_THRESHOLD = 48.0  # 0..255: above the VAE's error (30 dB is RMS 8) and a gradient's slope
-PALETTE = np.array(list(PAINTS.values()), np.float32)  # [9, 3]
+PALETTE = np.array(list(COLOURS.values()), np.float32)  # [8, 3]
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def paint_histogram(pixels: np.ndarray) -> np.ndarray:
-    """[N, 3] pixels -> the fraction of them nearest to each named paint, [len(PAINTS)]."""
+    """[N, 3] pixels -> the fraction of them nearest to each named paint, [len(COLOURS)]."""
     d = ((pixels[:, None].astype(np.float32) - PALETTE[None]) ** 2).sum(-1)
     counts = np.bincount(d.argmin(1), minlength=len(PALETTE)).astype(np.float64)
     return counts / max(counts.sum(), 1)

@@ -1,19 +1,21 @@
 """Pretraining of the toy model (sd.config.TOY) on the toy world: the VAE, then text encoder + UNet.
 
-    python -m toy.pretrain vae  --run out/toyrun            # stage 1 (resumes if interrupted)
-    python -m toy.pretrain unet --run out/toyrun            # stage 2, on stage 1's VAE
-    python -m toy.pretrain export --run out/toyrun -o weights/toy
+    python -m toy.pretrain vae     --run out/toyrun         # stage 1 (resumes if interrupted)
+    python -m toy.pretrain decoder --run out/toyrun         # stage 1b: the decoder alone
+    python -m toy.pretrain unet    --run out/toyrun         # stage 2, on stage 1's encoder
+    python -m toy.pretrain export  --run out/toyrun -o weights/toy
 
 Each stage is (a model, its loss, an evaluation) run by `train.loop.fit`, the trainers' shared
 loop: AdamW with warmup and cosine decay, an EMA for the UNet stage, checkpoints in
 <run>/<stage>/checkpoint-N/ (rerunning a stage resumes from the newest, bit for bit) and the
-evaluations in <run>/<stage>/log.csv. `export` also reads the single <run>/unet/checkpoint.pt
-of the loop before fit (train/toyloop.py, removed), which a stage refuses to restart over.
-Recipe choices and the measurements behind them: weights/toy/README.md.
+evaluations in <run>/<stage>/log.csv. Stage 1b leaves the encoder, and so the latents stage 2
+learns, as they are: it may run before or after stage 2. Recipe choices and the measurements
+behind them: weights/toy/README.md.
 """
 
 import argparse
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from sd import ddim
 from sd.clip import TextEncoder
 from sd.config import TOY, ModelConfig
+from sd.files import atomic_write
 from sd.images import to_pil
 from sd.pipeline import Pipeline
 from sd.tokenizer import Tokenizer
@@ -150,8 +153,8 @@ def toy_config(scaling: float) -> ModelConfig:
     return replace(TOY, vae=replace(TOY.vae, scaling=scaling))
 
 
-VAE_RECIPE = dict(steps=4000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192, warmup=100,
-                  weight_decay=0.0, every=250)
+VAE_RECIPE = dict(steps=6000, lr=3e-3, batch=32, crop=32, kl=1e-5, pool=8192, warmup=100,
+                  weight_decay=0.0, every=250, widen=True)
 
 
 def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
@@ -160,14 +163,16 @@ def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
     torch.manual_seed(seed)
     images, _ = toydata.pool("train", r["pool"], run_dir, progress)
     test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
+    elsewhere = toydata.to_tensor(toydata.pool("outside", 256, run_dir, progress)[0])
     vae = VAE(TOY.vae)
 
     def loss(model: VAE, g: torch.Generator, micro: int) -> torch.Tensor:
-        return vae_loss(model, toydata.crops(images, r["batch"], r["crop"], g), g, r["kl"])
+        x = toydata.crops(images, r["batch"], r["crop"], g, r["widen"])
+        return vae_loss(model, x, g, r["kl"])
 
     def evaluate(model: VAE, step: int) -> dict:
         psnr, std = vae_psnr(model, test)
-        return {"psnr": psnr, "latent_std": std}
+        return {"psnr": psnr, "latent_std": std, "psnr_outside": vae_psnr(model, elsewhere)[0]}
 
     stage(s, vae, loss, evaluate)
     finish_vae(run_dir, vae, images, test)
@@ -190,6 +195,42 @@ def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) 
     return stats
 
 
+# Stage 1b: the decoder alone on whole scenes, the encoder frozen. The latent space, and so the
+# UNet trained on it, is unchanged: Stability's ft-MSE VAE fine-tuned SD's decoder the same way.
+DECODER_RECIPE = dict(steps=3000, lr=5e-4, batch=16, crop=64, pool=8192, warmup=100,
+                      weight_decay=0.0, every=250, widen=True)
+
+
+def train_decoder(run_dir: Path, seed: int, progress: bool) -> VAE:
+    need_vae(run_dir)
+    r = DECODER_RECIPE
+    s = stage_settings(run_dir / "decoder", r, seed, progress)
+    torch.manual_seed(seed)
+    images, _ = toydata.pool("train", r["pool"], run_dir, progress)
+    test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
+    elsewhere = toydata.to_tensor(toydata.pool("outside", 256, run_dir, progress)[0])
+    vae = VAE(TOY.vae)
+    vae.load_state_dict(torch.load(run_dir / "vae.pt"))
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+
+    def loss(model: VAE, g: torch.Generator, micro: int) -> torch.Tensor:
+        x = toydata.crops(images, r["batch"], r["crop"], g, r["widen"])
+        with torch.no_grad():
+            z = model.encode(x).sample(g)
+        rec = model.decode(z)
+        return (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+
+    def evaluate(model: VAE, step: int) -> dict:
+        psnr, std = vae_psnr(model, test)
+        return {"psnr": psnr, "latent_std": std, "psnr_outside": vae_psnr(model, elsewhere)[0]}
+
+    stage(s, vae, loss, evaluate)
+    with atomic_write(run_dir / "decoder.pt") as tmp:
+        torch.save(vae.state_dict(), tmp)
+    return vae
+
+
 def need_vae(run_dir: Path) -> None:
     if not ((run_dir / "vae.json").is_file() and (run_dir / "vae.pt").is_file()):
         raise UsageError(f"no trained VAE in {run_dir}: python -m toy.pretrain vae --run ...")
@@ -204,7 +245,7 @@ class Denoiser(nn.Module):
         self.unet = UNet(cfg.unet)
 
 
-UNET_RECIPE = dict(steps=8000, lr=1e-3, batch=32, drop=0.1, snr_gamma=5.0, ema=0.999,
+UNET_RECIPE = dict(steps=10000, lr=1e-3, batch=32, drop=0.1, snr_gamma=5.0, ema=0.999,
                    warmup=500, pool=20000, weight_decay=0.01, every=250)
 
 
@@ -275,7 +316,7 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     def evaluate(model: Denoiser, step: int) -> dict:
         # The same columns on every row of the log; NaN where the judge did not run.
         row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
-               "colour_ok": float("nan")}
+               "colour_ok": float("nan"), "texture_ok": float("nan")}
         if (run_dir / "judge.pt").exists() and step % (4 * r["every"]) == 0:
             judge = judgelib.load(run_dir / "judge.pt")  # toy.judge may finish after we start
             row.update(adherence(model, vae, cfg, judge, grid_file=s.out / f"grid-{step}.png"))
@@ -287,7 +328,9 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["vae", "unet", "export", "all"])
+    p.add_argument("stage", choices=["vae", "decoder", "unet", "export", "all"],
+                   help="vae, then decoder (the decoder alone, encoder frozen), then unet (text "
+                   "encoder + UNet), then export; all: each in turn, resuming what is done")
     p.add_argument("--run", type=Path, default=Path("out/toyrun"), help="checkpoints, logs")
     p.add_argument("-o", "--out", type=Path, default=Path("weights/toy"), help="export folder")
     p.add_argument("--seed", type=int, default=0)
@@ -299,6 +342,8 @@ def main(argv=None) -> None:
     try:
         if a.stage in ("vae", "all"):
             train_vae(a.run, a.seed, not a.no_progress)
+        if a.stage in ("decoder", "all"):
+            train_decoder(a.run, a.seed, not a.no_progress)
         if a.stage in ("unet", "all"):
             train_unet(a.run, a.seed, not a.no_progress)
         if a.stage in ("export", "all"):
@@ -312,12 +357,20 @@ def export(run_dir: Path, out: Path) -> dict:
     need_vae(run_dir)
     stats = json.loads((run_dir / "vae.json").read_text())
     cfg = toy_config(stats["scaling"])
-    vae = VAE(cfg.vae)
-    vae.load_state_dict(torch.load(run_dir / "vae.pt"))
+    vae = VAE(cfg.vae)  # with the fine-tuned decoder where stage 1b ran
+    tuned = run_dir / "decoder.pt"
+    vae.load_state_dict(torch.load(tuned if tuned.is_file() else run_dir / "vae.pt"))
     model = Denoiser(cfg)
     model.load_state_dict(ema_weights(run_dir / "unet"))
     save_weights(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
     (out / "MODEL").write_text("preset=toy\n")
+    # The measuring instruments trained beside the model (toy.judge, toy.identity) ship with it.
+    if (run_dir / "judge.pt").exists():
+        with atomic_write(out / "judge.safetensors") as tmp:
+            save_file(torch.load(run_dir / "judge.pt", weights_only=True), tmp)
+    if (run_dir / "identity.safetensors").exists():
+        with atomic_write(out / "identity.safetensors") as tmp:
+            shutil.copyfile(run_dir / "identity.safetensors", tmp)
     files = [f for f in out.rglob("*") if f.is_file()]
     return {"folder": str(out), "bytes": sum(f.stat().st_size for f in files)}
 

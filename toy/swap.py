@@ -1,16 +1,19 @@
 """`make swap` on the toy world: the whole method, offline, on a CPU, measured against exact masks.
 
-    python -m toy.swap --weights weights/toy              # dotted-star into held-out scene 1
+    python -m toy.swap --weights weights/toy              # the default concept and scene
     python -m toy.swap --concept striped-heart --scene 3 -o out/toy/swap
 
 Steps: DreamBooth the concept (toy/concepts.py: 5 reference images, "a photo of sks <class>") into
 out/toy/concepts/<name>-<base digest>/model, cached with the recipe and a digest of the reference
-images; draw held-out scene --scene (toy/scenes.py's test split, one subject); null-text invert it
-with the concept model (as the official code does); swap its subject ("a red circle" -> "a sks
-star") with `photoswap` (the toy preset of photoswap/control.py), `p2p` and `none` from the
-inversion; score each output (toy/metrics.py): background PSNR against the background render,
-layout IoU against the exact mask, concept fidelity. Writes images, grid.png (source | photoswap |
-p2p | none, then the references) and metrics.json to -o, and prints the metrics.
+images; draw held-out scene --scene (toy/scenes.py's test split; a quarter of them hold two
+subjects, the first is swapped); null-text invert it with the concept model (as the official code
+does); swap its subject ("a black star" -> "a sks star") with `photoswap` (the toy preset of
+photoswap/control.py), `p2p` and `none` from the inversion; score each output: background PSNR
+against the scene rendered without the subject, layout IoU against the subject's exact mask,
+identity with the concept's references (toy/identity.py), and colour and texture statistics
+(toy/metrics.py). Writes images, grid.png (source | photoswap | p2p | none, then the references)
+and metrics.json to -o, and prints the scores. The default concept and scene are the benchmark's
+median swap (EVAL.md says how it is chosen).
 """
 
 import argparse
@@ -36,7 +39,7 @@ from sd.files import atomic_write
 from sd.images import grid, save_image, to_pil
 from sd.pipeline import Pipeline
 from sd.weights import detect_preset
-from toy import concepts, metrics, scenes
+from toy import concepts, identity, metrics, scenes
 from train.inversion import Inversion, invert
 
 # DreamBooth on the toy model (how it was chosen: weights/toy/README.md, "DreamBooth and the swap").
@@ -49,21 +52,29 @@ PAPER = replace(SETTINGS, phi=PRESETS["paper"].phi, m=PRESETS["paper"].m, a=PRES
 
 @dataclass
 class Source:
-    """A held-out scene with one subject: what the swap starts from and what scores it."""
+    """A held-out scene: what the swap starts from and what scores it. Its first subject is the
+    one swapped; a second subject, if any, belongs to what the swap must keep."""
 
     index: int
     image: np.ndarray  # uint8 [64, 64, 3]
-    mask: np.ndarray  # bool [64, 64], the subject
-    background: np.ndarray  # uint8 [64, 64, 3], the background render
+    mask: np.ndarray  # bool [64, 64], the swapped subject
+    background: np.ndarray  # uint8 [64, 64, 3], the scene rendered without the swapped subject
     caption: str
     subject: str  # "red circle": the words the concept replaces
 
 
-def source(index: int) -> Source:
-    scene = scenes.test_scene(index, two=0.0)
-    image, masks, bg = scenes.render(scene)
-    s = scene.subjects[0]
-    return Source(index, image, masks[0], bg, scenes.caption(scene), f"{s.colour} {s.shape}")
+TWO = 0.25  # the share of two-subject scenes among the benchmark's sources
+# make swap's default: the benchmark's median swap by photoswap's identity (toy/evaluate.py demo)
+DEMO = ("dotted-star", 1)
+
+
+def source(index: int, two: float = TWO) -> Source:
+    """Held-out scene `index` (toy/scenes.py), one or two subjects."""
+    scene = scenes.test_scene(index, two=two)
+    image, masks, _ = scenes.render(scene)
+    kept = replace(scene, subjects=scene.subjects[1:])
+    return Source(index, image, masks[0], scenes.render(kept)[0], scenes.caption(scene),
+                  scenes.noun(scene.subjects[0]))
 
 
 def digest(weights: Path) -> str:
@@ -151,12 +162,35 @@ def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list
     return out
 
 
-def score(image: np.ndarray, src: Source, stats: tuple[np.ndarray, float]) -> dict[str, float]:
-    """Background PSNR, layout IoU and concept fidelity of one output (toy/metrics.py)."""
+@dataclass
+class Measure:
+    """What scores outputs against one concept: the identity encoder and the concept's reference
+    embedding (toy/identity.py), and its references' colour and texture statistics."""
+
+    encoder: identity.Encoder
+    reference: torch.Tensor
+    stats: tuple[np.ndarray, float]
+
+
+def measure(name: str, weights: Path) -> Measure:
+    file = weights / "identity.safetensors"
+    if not file.is_file():
+        raise UsageError(f"no {file}: the toy model's identity encoder (make toy trains it; git "
+                         "checkout weights/toy restores the committed one)")
+    encoder = identity.load(file)
+    refs = concepts.references(name)
+    return Measure(encoder, identity.reference(encoder, refs), metrics.concept_stats(refs))
+
+
+def score(image: np.ndarray, src: Source, m: Measure) -> dict[str, float]:
+    """Background PSNR, layout IoU, identity and the colour/texture statistics of one output
+    (toy/metrics.py, toy/identity.py), its subject being where it departs from the scene
+    rendered without the swapped subject."""
     region = metrics.subject_region(image, src.background)
     return {"background_psnr": metrics.background_psnr(image, src.background, src.mask),
             "layout_iou": metrics.iou(region, src.mask),
-            **metrics.fidelity(image, region, stats)}
+            "identity": identity.score(m.encoder, image, region, m.reference),
+            **metrics.fidelity(image, region, m.stats)}
 
 
 def to_json(obj) -> str:
@@ -175,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m toy.swap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
-    p.add_argument("--concept", choices=sorted(concepts.CONCEPTS), default="dotted-star")
-    p.add_argument("--scene", type=int, default=1, help="held-out scene index (1: a red circle "
-                   "on black stripes)")
+    p.add_argument("--concept", choices=sorted(concepts.CONCEPTS), default=DEMO[0],
+                   help=f"the concept to swap in ({DEMO[0]})")
+    p.add_argument("--scene", type=int, default=DEMO[1],
+                   help=f"held-out scene index ({DEMO[1]}: {source(DEMO[1]).caption[11:]})")
     p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"),
                    help="where DreamBooth'd concepts are kept")
     p.add_argument("-o", "--out", type=Path, default=Path("out/swap"),
@@ -199,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     target, words = target_prompt(src, args.concept)
     images = swaps(pipe, [src], [inv], [words])
     refs = concepts.references(args.concept)
-    stats = metrics.concept_stats(refs)
-    results = {m: score(images[m][0], src, stats) for m in METHODS}
-    results["reconstruction"] = score(images["source"][0], src, stats)  # the source branch
-    results["photo"] = score(src.image, src, stats)  # unswapped, for scale
+    scorer = measure(args.concept, args.weights)
+    results = {m: score(images[m][0], src, scorer) for m in METHODS}
+    results["reconstruction"] = score(images["source"][0], src, scorer)  # the source branch
+    results["photo"] = score(src.image, src, scorer)  # unswapped, for scale
     record = {"concept": args.concept, "scene": args.scene, "source_prompt": src.caption,
               "target_prompt": target, "weights": str(args.weights), "steps": STEPS,
               "guidance": GUIDANCE, "preset": "toy", "dreambooth": DREAMBOOTH, "metrics": results,
@@ -222,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_write(args.out / "metrics.json") as tmp:
         tmp.write_text(to_json(record))
     print(f"{src.caption!r} -> {target!r}")
-    print(f"{'':14s} {'bg PSNR':>8s} {'IoU':>6s} {'fidelity':>8s} {'colour':>6s} {'texture':>7s}")
+    print(f"{'':14s} {'bg PSNR':>8s} {'IoU':>6s} {'identity':>8s} {'colour':>6s} {'texture':>7s}")
     for m in (*METHODS, "reconstruction", "photo"):
         r = results[m]
-        print(f"{m:14s} {r['background_psnr']:8.2f} {r['layout_iou']:6.3f} {r['fidelity']:8.3f} "
+        print(f"{m:14s} {r['background_psnr']:8.2f} {r['layout_iou']:6.3f} {r['identity']:8.3f} "
               f"{r['colour']:6.3f} {r['texture']:7.3f}")
     print(f"inversion reconstructs the photo at {record['reconstruction_psnr']:.2f} dB; "
           f"seconds {record['seconds']}; wrote {', '.join(pil)}, grid.png, metrics.json to "
