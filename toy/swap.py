@@ -65,7 +65,7 @@ class Source:
 
 TWO = 0.25  # the share of two-subject scenes among the benchmark's sources
 # make swap's default: the benchmark's median swap by photoswap's identity (toy/evaluate.py demo)
-DEMO = ("dotted-star", 1)
+DEMO = ("dotted-star", 8)
 
 
 def source(index: int, two: float = TWO) -> Source:
