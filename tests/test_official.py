@@ -276,12 +276,14 @@ def case_inputs(models, name):
 # and 50 guided steps amplify that by a factor that depends on the path: measured over seeds 1-8
 # on the committed toy model, our fused swaps were 1e-6..1.4e-4 from the reference in fp32, and
 # the fp64 runs 1e-15..2e-13, case for case. The fp32 runs use seeds whose measured floor is at
-# most 5e-6 and whose local blend covers part of the latent (seed, floor, coverage: equal length
+# most 4e-6 and whose local blend covers part of the latent (seed, floor, coverage: equal length
 # 7, 2.6e-6, 0.77; unequal length 4, 1.4e-6, 0.94; two subjects 6, 3.9e-6, 0.75; blend covering
-# part 2, 5.0e-6, 0.66; p2p 4, 2.3e-6, 0.89; the photo 1.5e-6); the fp64 runs prove the
+# part 22, 1.9e-6, 0.67; p2p 4, 2.3e-6, 0.89; the photo 1.5e-6). Seed 2 of "blend covering part"
+# (5.0e-6 here) measured 1.05e-5 with ATEN_CPU_CAPABILITY=default: a floor of 5e-6 is not a
+# margin, hence the rule; seed 22 measured 1.7e-6 there. The fp64 runs prove the
 # algorithm with a margin of seven orders, and there the step count that tells int(A * (T + 1))
 # from int(A * T) apart (24) is safe to use.
-SEEDS = {"equal length": 7, "unequal length": 4, "two subjects": 6, "blend covering part": 2,
+SEEDS = {"equal length": 7, "unequal length": 4, "two subjects": 6, "blend covering part": 22,
          "p2p refine + blend": 4, "unequal length, 24 steps": 4}
 RUNS = [(name, torch.float32) for name in CASES] + [(name, torch.float64) for name in CASES] + [
     ("unequal length, 24 steps", torch.float64)]
