@@ -76,7 +76,7 @@ bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to
 TOYRUN ?= out/toyrun
 # torch threads for make toy: 1 where other work shares the cores (weights/toy/README.md)
 TOY_THREADS ?= 2
-toy: $(STAMP) $(TOYRUN)/judge.pt $(TOYRUN)/identity.safetensors  ## retrain the toy model from scratch into weights/toy (~1.7 h on 2 cores; resumable)
+toy: $(STAMP) $(TOYRUN)/judge.pt $(TOYRUN)/identity.safetensors  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
 	$(BIN)/python -m toy.pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
 
 # The measuring instruments (their files are their stamps: delete one to retrain it).

@@ -110,8 +110,9 @@ TINY = ModelConfig(
 )
 
 # The toy world's model (toy/pretrain.py trains it on toy/scenes.py; weights/toy/README.md):
-# SD 2.1-base's modules, tokenizer and schedule at widths sized by measurement to train on two CPU
-# cores in about two hours. The VAE has one downsampling fewer (factor 4: 64 px -> 16x16x8).
+# SD 2.1-base's modules, tokenizer and schedule at widths sized to train on two CPU cores in a
+# few hours (the measured stage times are in the model card). The VAE has one downsampling
+# fewer (factor 4: 64 px -> 16x16x8).
 TOY = ModelConfig(
     name="toy",
     text=TextConfig(width=64, layers=4, heads=4, mlp_width=256),
