@@ -237,7 +237,8 @@ CASES = {
                             ["circle"], ["sks", "star"],
                             replace(OFFICIAL, blend_level=1, blend_threshold=0.4), 50, False),
     "p2p refine + blend": (f"a photo of a circle {BG}", f"a photo of a red circle {BG}",
-                           ["circle"], ["circle"], p2p(replace(OFFICIAL, **TOY_BLEND)), 30,
+                           ["circle"], ["circle"],
+                           replace(p2p(replace(OFFICIAL, **TOY_BLEND)), blend_threshold=0.5), 30,
                            False),
     "real image": (None, "a photo of a sks star on a {background}", ["circle"], ["sks", "star"],
                    replace(OFFICIAL, **TOY_BLEND), 50, True),
@@ -278,13 +279,15 @@ def case_inputs(models, name):
 # the fp64 runs 1e-15..2e-13, case for case. The fp32 runs use seeds whose measured floor is at
 # most 4e-6 and whose local blend covers part of the latent (seed, floor, coverage: equal length
 # 7, 2.6e-6, 0.77; unequal length 4, 1.4e-6, 0.94; two subjects 6, 3.9e-6, 0.75; blend covering
-# part 22, 1.9e-6, 0.67; p2p 4, 2.3e-6, 0.89; the photo 1.5e-6). Seed 2 of "blend covering part"
+# part 22, 1.9e-6, 0.67; p2p 8, 1.8e-6, 0.72; the photo 1.5e-6). Seed 2 of "blend covering part"
 # (5.0e-6 here) measured 1.05e-5 with ATEN_CPU_CAPABILITY=default: a floor of 5e-6 is not a
-# margin, hence the rule; seed 22 measured 1.7e-6 there. The fp64 runs prove the
-# algorithm with a margin of seven orders, and there the step count that tells int(A * (T + 1))
-# from int(A * T) apart (24) is safe to use.
+# margin, hence the rule; seed 22 measured 1.7e-6 there. p2p blends at threshold 0.5: at its
+# 0.3 this model's maps of "circle" cover 89-100% of the latent for every seed 1-24, and a blend
+# that covers everything cannot tell when it reads the maps (tests/mutants.py). The fp64 runs
+# prove the algorithm with a margin of seven orders, and there the step count that tells
+# int(A * (T + 1)) from int(A * T) apart (24) is safe to use.
 SEEDS = {"equal length": 7, "unequal length": 4, "two subjects": 6, "blend covering part": 22,
-         "p2p refine + blend": 4, "unequal length, 24 steps": 4}
+         "p2p refine + blend": 8, "unequal length, 24 steps": 4}
 RUNS = [(name, torch.float32) for name in CASES] + [(name, torch.float64) for name in CASES] + [
     ("unequal length, 24 steps", torch.float64)]
 CASES["unequal length, 24 steps"] = CASES["unequal length"][:5] + (24, False)
