@@ -80,9 +80,12 @@ def vae_loss(vae: VAE, x: torch.Tensor, g: torch.Generator, kl_weight: float) ->
     """L1 + MSE reconstruction of a sampled latent, plus a KL pull towards N(0, 1) (LDM's
     AutoencoderKL loss without its GAN and LPIPS terms: flat-colour scenes need neither)."""
     post = vae.encode(x)
-    rec = vae.decode(post.sample(g))
     kl = 0.5 * (post.mean**2 + post.std**2 - 1 - 2 * post.std.log()).sum((1, 2, 3)).mean()
-    return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * kl
+    return reconstruction_loss(vae.decode(post.sample(g)), x) + kl_weight * kl
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (rec - x).abs().mean() + ((rec - x) ** 2).mean()
 
 
 @torch.no_grad()
@@ -93,6 +96,19 @@ def vae_psnr(vae: VAE, images: torch.Tensor, batch: int = 64) -> tuple[float, fl
     rec = torch.cat([vae.decode(zs[i : i + batch]) for i in range(0, len(zs), batch)])
     vae.train()
     return toydata.psnr(rec, images).mean().item(), zs.std().item()
+
+
+def vae_evaluation(run_dir: Path, progress: bool) -> tuple[torch.Tensor, Callable]:
+    """(256 held-out scenes, the VAE stages' evaluation: PSNR on them and on 256 of the second
+    renderer's, latent std)."""
+    test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
+    elsewhere = toydata.to_tensor(toydata.pool("outside", 256, run_dir, progress)[0])
+
+    def evaluate(model: VAE, step: int) -> dict:
+        psnr, std = vae_psnr(model, test)
+        return {"psnr": psnr, "latent_std": std, "psnr_outside": vae_psnr(model, elsewhere)[0]}
+
+    return test, evaluate
 
 
 # ---------------------------------------------------------------------------------- the UNet
@@ -162,17 +178,12 @@ def train_vae(run_dir: Path, seed: int, progress: bool) -> VAE:
     s = stage_settings(run_dir / "vae", r, seed, progress)  # first: it refuses an old run
     torch.manual_seed(seed)
     images, _ = toydata.pool("train", r["pool"], run_dir, progress)
-    test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
-    elsewhere = toydata.to_tensor(toydata.pool("outside", 256, run_dir, progress)[0])
+    test, evaluate = vae_evaluation(run_dir, progress)
     vae = VAE(TOY.vae)
 
     def loss(model: VAE, g: torch.Generator, micro: int) -> torch.Tensor:
         x = toydata.crops(images, r["batch"], r["crop"], g, r["widen"])
         return vae_loss(model, x, g, r["kl"])
-
-    def evaluate(model: VAE, step: int) -> dict:
-        psnr, std = vae_psnr(model, test)
-        return {"psnr": psnr, "latent_std": std, "psnr_outside": vae_psnr(model, elsewhere)[0]}
 
     stage(s, vae, loss, evaluate)
     finish_vae(run_dir, vae, images, test)
@@ -207,8 +218,7 @@ def train_decoder(run_dir: Path, seed: int, progress: bool) -> VAE:
     s = stage_settings(run_dir / "decoder", r, seed, progress)
     torch.manual_seed(seed)
     images, _ = toydata.pool("train", r["pool"], run_dir, progress)
-    test = toydata.to_tensor(toydata.pool("test", 256, run_dir, progress)[0])
-    elsewhere = toydata.to_tensor(toydata.pool("outside", 256, run_dir, progress)[0])
+    _, evaluate = vae_evaluation(run_dir, progress)
     vae = VAE(TOY.vae)
     vae.load_state_dict(torch.load(run_dir / "vae.pt"))
     vae.encoder.requires_grad_(False)
@@ -218,12 +228,7 @@ def train_decoder(run_dir: Path, seed: int, progress: bool) -> VAE:
         x = toydata.crops(images, r["batch"], r["crop"], g, r["widen"])
         with torch.no_grad():
             z = model.encode(x).sample(g)
-        rec = model.decode(z)
-        return (rec - x).abs().mean() + ((rec - x) ** 2).mean()
-
-    def evaluate(model: VAE, step: int) -> dict:
-        psnr, std = vae_psnr(model, test)
-        return {"psnr": psnr, "latent_std": std, "psnr_outside": vae_psnr(model, elsewhere)[0]}
+        return reconstruction_loss(model.decode(z), x)
 
     stage(s, vae, loss, evaluate)
     with atomic_write(run_dir / "decoder.pt") as tmp:
