@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toy.scenes import COLOURS, PATTERNS, SIZE, Scene, Subject, render
+from toy.scenes import SIZE, Scene, Subject, ground, render
 
 # name -> (class word, the concept's subject at unit pose)
 CONCEPTS: dict[str, tuple[str, Subject]] = {
@@ -46,12 +46,9 @@ def concept_scene(name: str, index: int, subject: Subject | None = None) -> Scen
     x, y = rng.uniform(radius + 1, SIZE - radius - 1, size=2)
     subject = replace(base, x=float(x), y=float(y), radius=radius,
                       angle=float(rng.uniform(-25, 25)))
-    own = {base.colour, base.second, base.outline}
-    bgs = [c for c in COLOURS if c not in own]
-    bg, pattern = str(rng.choice(bgs)), str(rng.choice(PATTERNS))
-    second = str(rng.choice([c for c in bgs if c != bg])) if rng.random() < 0.5 else None
+    bg, pattern, second = ground(rng, (base.colour, base.second, base.outline))
     return Scene((subject,), bg, pattern, int(rng.choice([4, 6, 8, 10, 12, 16])),
-                 int(rng.integers(4)), second if pattern != "solid" else None)
+                 int(rng.integers(4)), second)
 
 
 def lookalike(name: str, index: int) -> Subject:

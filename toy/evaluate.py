@@ -63,13 +63,10 @@ def contexts(name: str, count: int = CONTEXTS) -> list[str]:
     """`count` backgrounds in the caption's words, away from the concept's paints."""
     base = concepts.CONCEPTS[name][1]
     rng = np.random.default_rng([CONTEXT_SEED, sorted(concepts.CONCEPTS).index(name)])
-    free = [c for c in scenes.COLOURS if c not in (base.colour, base.second, base.outline)]
     out = []
     for _ in range(count):
-        bg, pattern = str(rng.choice(free)), str(rng.choice(scenes.PATTERNS))
-        second = str(rng.choice([c for c in free if c != bg])) if rng.random() < 0.5 else None
-        scene = scenes.Scene((), bg, pattern, second=second if pattern != "solid" else None)
-        out.append(scenes.backdrop(scene))
+        bg, pattern, second = scenes.ground(rng, (base.colour, base.second, base.outline))
+        out.append(scenes.backdrop(scenes.Scene((), bg, pattern, second=second)))
     return out
 
 

@@ -111,11 +111,9 @@ def view(subject: scenes.Subject, rng: np.random.Generator) -> torch.Tensor:
     radius = float(rng.uniform(9, 22))
     x, y = rng.uniform(radius + 1, scenes.SIZE - radius - 1, size=2)
     s = replace(subject, x=float(x), y=float(y), radius=radius, angle=float(rng.uniform(-35, 35)))
-    bgs = [c for c in scenes.COLOURS if c not in (s.colour, s.second, s.outline)]
-    bg, pattern = str(rng.choice(bgs)), str(rng.choice(scenes.PATTERNS))
-    second = str(rng.choice([c for c in bgs if c != bg])) if rng.random() < 0.5 else None
+    bg, pattern, second = scenes.ground(rng, (s.colour, s.second, s.outline))
     scene = scenes.Scene((s,), bg, pattern, int(rng.choice([6, 8, 10, 12, 16])),
-                         int(rng.integers(4)), second if pattern != "solid" else None)
+                         int(rng.integers(4)), second)
     image, masks, _ = scenes.render(scene)
     return crop(image, masks[0], margin=float(rng.uniform(1.1, 1.4)))
 

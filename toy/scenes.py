@@ -260,6 +260,16 @@ def _subject(rng: np.random.Generator, colours: list[str]) -> Subject:
                    turn=float(rng.uniform(0, 180)), phase=tuple(map(float, rng.random(2))))
 
 
+def ground(rng: np.random.Generator, avoid) -> tuple[str, str, str | None]:
+    """A background away from the paints in `avoid`, for a scene built around a given subject
+    (a concept's views, the identity encoder's, DreamBooth's contexts): (colour, pattern, second
+    colour, None half of the time and always for a solid one)."""
+    free = [c for c in COLOURS if c not in avoid]
+    bg, pattern = str(rng.choice(free)), str(rng.choice(PATTERNS))
+    second = str(rng.choice([c for c in free if c != bg])) if rng.random() < 0.5 else None
+    return bg, pattern, second if pattern != "solid" else None
+
+
 def _place(rng: np.random.Generator, s: Subject, others: list[Subject]) -> Subject | None:
     """Somewhere inside the frame not overlapping `others`; None after a few tries."""
     for _ in range(20):
