@@ -31,9 +31,9 @@ weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights
 	$(BIN)/python weights/fetch.py $(MODEL)
 
 # Photoswap. On the toy model (a folder whose MODEL says preset=toy; weights/toy by default):
-# python -m toy.swap: DreamBooth on TOY_CONCEPT (cached in out/toy/concepts), held-out scene
+# python -m toy swap: DreamBooth on TOY_CONCEPT (cached in out/toy/concepts), held-out scene
 # SCENE, its null-text inversion, photoswap / p2p / none, grid and metrics into out/swap; empty:
-# toy.swap's defaults, the benchmark's median swap (EVAL.md). On any other model: python -m
+# toy swap's defaults, the benchmark's median swap (EVAL.md). On any other model: python -m
 # photoswap with a word swap (SWAP_PROMPT, SUBJECT, CONCEPT).
 SWAP_WEIGHTS ?= weights/toy
 TOY_CONCEPT ?=
@@ -57,7 +57,7 @@ toy-weights:
 	       "SWAP_ARGS='--embeds FILE')." >&2; \
 	  exit 1; }
 
-TOY_SWAP = $(BIN)/python -m toy.swap --weights "$(SWAP_WEIGHTS)" \
+TOY_SWAP = $(BIN)/python -m toy swap --weights "$(SWAP_WEIGHTS)" \
   $(if $(TOY_CONCEPT),--concept $(TOY_CONCEPT)) $(if $(SCENE),--scene $(SCENE)) -o out/swap $(T) \
   $(SWAP_ARGS)
 swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metrics or settings)
@@ -68,7 +68,7 @@ swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metri
 
 EVAL_SCENES ?= 16
 eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~25 CPU min)
-	$(BIN)/python -m toy.evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES) $(T)
+	$(BIN)/python -m toy evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES) $(T)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
 	$(BIN)/python -m bench.modules
@@ -77,13 +77,13 @@ TOYRUN ?= out/toyrun
 # torch threads for make toy: 1 where other work shares the cores (weights/toy/README.md)
 TOY_THREADS ?= 2
 toy: $(STAMP) $(TOYRUN)/judge.pt $(TOYRUN)/identity.safetensors  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
-	$(BIN)/python -m toy.pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
+	$(BIN)/python -m toy pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
 
 # The measuring instruments (their files are their stamps: delete one to retrain it).
 $(TOYRUN)/judge.pt: | $(STAMP)
-	$(BIN)/python -m toy.judge -o $@ --threads $(TOY_THREADS)
+	$(BIN)/python -m toy judge -o $@ --threads $(TOY_THREADS)
 $(TOYRUN)/identity.safetensors: | $(STAMP)
-	$(BIN)/python -m toy.identity -o $@ --threads $(TOY_THREADS)
+	$(BIN)/python -m toy identity -o $@ --threads $(TOY_THREADS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -4,6 +4,9 @@ The reference builders mirror tests/conftest.py (reference_unet / reference_vae 
 but are copied here so that benchmarks never import from tests/. References are built on the meta
 device (no random init of a billion parameters) and then take a copy of OUR state dict, so both
 sides compute with identical weights.
+
+Torch-free at import (torch, diffusers and transformers load inside the functions that use
+them), so that a benchmark's --help answers at once.
 """
 
 import datetime
@@ -15,10 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from sd.config import PRESETS, ModelConfig
-from sd.weights import diffusers_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ALIASES = {"sd21-base": "sd2.1-base", "sd21": "sd2.1", "base": "sd2.1-base", "768": "sd2.1"}
@@ -34,8 +34,12 @@ def config(name: str) -> ModelConfig:
 
 # --------------------------------------------------------------------------- reference twins
 
-def _load(ref: torch.nn.Module, state_dict: dict | None, device, dtype) -> torch.nn.Module:
-    """Give a meta-built reference our weights (copied), then move it to device/dtype."""
+def _load(ref, state_dict: dict | None, device, dtype):
+    """Give a meta-built reference (a torch.nn.Module) our weights (copied), then move it to
+    device/dtype (None: fp32)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if state_dict is not None:
         sd = {k: v.detach().clone() for k, v in state_dict.items()}
         ref.load_state_dict(sd, assign=True)
@@ -51,9 +55,12 @@ def _load(ref: torch.nn.Module, state_dict: dict | None, device, dtype) -> torch
     return ref.eval().requires_grad_(False)
 
 
-def reference_unet(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.float32):
-    """diffusers' UNet2DConditionModel at our config, with our weights."""
+def reference_unet(cfg: ModelConfig, state_dict=None, device="cpu", dtype=None):
+    """diffusers' UNet2DConditionModel at our config, with our weights (dtype None: fp32)."""
+    import torch
     from diffusers import UNet2DConditionModel
+
+    from sd.weights import diffusers_config
 
     conf = {k: v for k, v in diffusers_config(cfg, "unet").items() if not k.startswith("_")}
     with torch.device("meta"):
@@ -61,9 +68,12 @@ def reference_unet(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.
     return _load(ref, state_dict, device, dtype)
 
 
-def reference_vae(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.float32):
-    """diffusers' AutoencoderKL at our config, with our weights."""
+def reference_vae(cfg: ModelConfig, state_dict=None, device="cpu", dtype=None):
+    """diffusers' AutoencoderKL at our config, with our weights (dtype None: fp32)."""
+    import torch
     from diffusers import AutoencoderKL
+
+    from sd.weights import diffusers_config
 
     conf = {k: v for k, v in diffusers_config(cfg, "vae").items() if not k.startswith("_")}
     with torch.device("meta"):
@@ -71,9 +81,12 @@ def reference_vae(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.f
     return _load(ref, state_dict, device, dtype)
 
 
-def reference_text(cfg: ModelConfig, state_dict=None, device="cpu", dtype=torch.float32):
-    """transformers' CLIPTextModel at our config, with our weights."""
+def reference_text(cfg: ModelConfig, state_dict=None, device="cpu", dtype=None):
+    """transformers' CLIPTextModel at our config, with our weights (dtype None: fp32)."""
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd.weights import diffusers_config
 
     conf = {k: v for k, v in diffusers_config(cfg, "text_encoder").items()
             if k not in ("architectures", "model_type", "torch_dtype")}
@@ -295,6 +308,7 @@ def cpu_cores() -> int:
 
 def versions() -> str:
     import diffusers
+    import torch
     import transformers
 
     return (f"torch {torch.__version__}, diffusers {diffusers.__version__}, "

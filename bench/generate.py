@@ -28,17 +28,17 @@ import tempfile
 import time
 from dataclasses import replace
 
-import torch
-
 from bench import common
+from sd import cli
 from sd.config import preset
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars",
            "a watercolor painting of a lighthouse on a cliff at dawn"]
 UNET_SIDES = {"sd2.1-base": 64, "sd2.1": 96}
-# Where and in what dtype to run: CUDA fp16 for real; `--smoke` runs the plumbing on the CPU in
-# fp32 with the tiny config and a few steps (a check of this script, not a benchmark).
-DEVICE, DTYPE = torch.device("cuda"), torch.float16
+# Where and in what dtype to run, set by main (torch loads there): CUDA fp16 for real; `--smoke`
+# runs the plumbing on the CPU in fp32 with the tiny config and a few steps (a check of this
+# script, not a benchmark).
+DEVICE = DTYPE = None  # a torch.device, a torch.dtype
 
 
 def log(msg: str) -> None:
@@ -47,6 +47,8 @@ def log(msg: str) -> None:
 
 def sync() -> None:
     if DEVICE.type == "cuda":
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -64,6 +66,7 @@ def scheduler(cfg):
 
 def build(cfg, tmp: str):
     """(our Pipeline, diffusers' StableDiffusionPipeline) on DEVICE in DTYPE, the same weights."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     from sd.pipeline import Pipeline
@@ -93,6 +96,8 @@ def weight_bytes(*modules) -> int:
 
 
 def generation(cfg, ours, theirs, batch: int, steps: int, repeats: int) -> dict:
+    import torch
+
     side = cfg.resolution
     prompts = (PROMPTS * batch)[:batch]
     g = torch.Generator().manual_seed(0)
@@ -167,6 +172,8 @@ def generation(cfg, ours, theirs, batch: int, steps: int, repeats: int) -> dict:
 
 
 def unet_alone(cfg, ours, theirs, side: int, batch: int, repeats: int) -> dict:
+    import torch
+
     unet, ref = ours.models.unet, theirs.unet
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, cfg.unet.in_channels, side, side, generator=g).to(DEVICE, DTYPE)
@@ -232,6 +239,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     global DEVICE, DTYPE
+    import torch
+
+    DEVICE, DTYPE = torch.device("cuda"), torch.float16
     if args.smoke:
         DEVICE, DTYPE = torch.device("cpu"), torch.float32
         # one thread: on a busy 2-core machine, 2 OpenMP threads make tiny models 100x slower
@@ -285,4 +295,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

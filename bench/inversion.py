@@ -1,4 +1,4 @@
-"""Time one null-text inversion (train/inversion.py), end to end from a clean latent.
+"""Time one null-text inversion (sd/inversion.py), end to end from a clean latent.
 
     python -m bench.inversion               # tiny preset on CPU; with CUDA also SD 2.1-base
     python -m bench.inversion --threads 1   # CPU threads (default: all cores)
@@ -14,24 +14,28 @@ import argparse
 import sys
 import time
 
-import torch
-
 from bench.common import LOAD
-from sd.config import SD21_BASE, TINY, ModelConfig
-from sd.pipeline import Pipeline
-from train.inversion import invert
+from sd import cli
+from sd.config import SD21_BASE, TINY, InversionSettings, ModelConfig
 
 
-def one(cfg: ModelConfig, device: str, dtype: torch.dtype, side: int, steps: int = 50) -> float:
-    """Seconds for one inversion of a random latent (after a 2-step warm-up)."""
+def one(cfg: ModelConfig, device: str, dtype, side: int, steps: int = 50) -> float:
+    """Seconds for one inversion of a random latent (after a 2-step warm-up); dtype: a
+    torch.dtype."""
+    import torch
+
+    from sd.inversion import invert
+    from sd.pipeline import Pipeline
+
     torch.manual_seed(0)
     pipe = Pipeline.load(cfg, None, torch.device(device), dtype)
     latent = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    invert(pipe, latent, "a photo of a cat", steps=2, num_inner_steps=2)  # kernels, allocator
+    invert(pipe, latent, "a photo of a cat",
+           InversionSettings(steps=2, inner_steps=2))  # kernels, allocator
     sync()
     start = time.perf_counter()
-    inv = invert(pipe, latent, "a photo of a cat", steps=steps)
+    inv = invert(pipe, latent, "a photo of a cat", InversionSettings(steps=steps))
     sync()
     seconds = time.perf_counter() - start
     if not all(u.isfinite().all() for u in inv.uncond):  # timing still counts every iteration
@@ -43,6 +47,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.inversion", description=__doc__)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     s0 = LOAD.snap()
@@ -61,4 +67,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -26,13 +26,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 from bench import common
-from sd.clip import TextEncoder
+from sd import cli
 from sd.config import ModelConfig
-from sd.unet import UNet
-from sd.vae import VAE
 
 REFERENCE = {"unet": "diffusers UNet2DConditionModel", "vae": "diffusers AutoencoderKL.decode",
              "text": "transformers CLIPTextModel"}
@@ -66,6 +62,12 @@ def log(msg: str) -> None:
 
 def build_models(cfg: ModelConfig, component: str):
     """(ours, theirs): ours with random init, theirs holding a copy of our weights. fp32, CPU."""
+    import torch
+
+    from sd.clip import TextEncoder
+    from sd.unet import UNet
+    from sd.vae import VAE
+
     torch.manual_seed(0)
     if component == "unet":
         ours = UNet(cfg.unet)
@@ -83,6 +85,8 @@ def build_models(cfg: ModelConfig, component: str):
 
 def calls(case: Case, ours, theirs):
     """Zero-argument callables running ours and theirs on the same random input."""
+    import torch
+
     cfg, b, s = case.cfg, case.batch, case.side
     g = torch.Generator().manual_seed(0)
     if case.component == "unet":
@@ -99,6 +103,8 @@ def calls(case: Case, ours, theirs):
 
 def run_case(case: Case, ours, theirs, threads: int, profile: bool = False,
              clock: str = "wall") -> dict:
+    import torch
+
     log(f"\n== {case.cfg.name} {OURS[case.component]} vs {REFERENCE[case.component]}, "
         f"input {case.input}, {case.repeats} pairs")
     f_ours, f_theirs = calls(case, ours, theirs)
@@ -282,6 +288,7 @@ def main(argv=None) -> int:
                    "cpu-results)")
     p.add_argument("--out", default=str(common.ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
+    import torch
 
     torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads > 1:
@@ -314,4 +321,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

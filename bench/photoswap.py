@@ -27,6 +27,8 @@ import sys
 import time
 from dataclasses import replace
 
+from sd import cli
+
 MID = dict(channels=(64, 128, 256, 256), heads=(1, 2, 4, 4))  # head dim 64, as SD 2.1
 VARIANTS = ("plain", "fused", "explicit", "fused-all", "explicit-all")
 SRC, TGT = "a photo of a cat on the grass", "a photo of a sks dog on the grass"
@@ -40,7 +42,7 @@ def rss_mb() -> float:
 def child(variant: str, side: int, steps: int) -> dict:
     import torch
 
-    from photoswap.control import PRESETS, Layers, Settings, Swap
+    from photoswap.settings import PRESETS, Layers, Settings, Swap
     from photoswap.swap import Pair, control
     from sd.config import TINY, TextConfig, UNetConfig
     from sd.pipeline import Pipeline
@@ -114,4 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -1,4 +1,4 @@
-"""How the `toy` swap preset was chosen (photoswap/control.py): swap settings side by side on
+"""How the `toy` swap preset was chosen (photoswap/settings.py): swap settings side by side on
 held-out toy scenes that the benchmark (EVAL.md, scenes 0-15) does not use.
 
     python -m bench.swap_presets                     # scenes 16-23 x the four concepts
@@ -17,21 +17,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from photoswap.control import PRESETS, Settings, no_swap, p2p
 from sd import cli
 from sd.config import TOY
 from toy import concepts
-from toy import swap as toy
-from toy.evaluate import mean
 
 
-def with_a(s: Settings, window: float) -> Settings:
+def with_a(s, window: float):
+    """Settings s (photoswap/settings.py) with the A window `window`."""
     return replace(s, a=replace(s.a, window=window))
 
 
-def candidates() -> dict[str, Settings]:
-    """The settings compared. The paper's and the official presets read the toy's 8x8 maps for
-    local blend (their own quarter-side maps are its 4x4 mid block), at their threshold 0.3."""
+def candidates() -> dict:
+    """The settings compared (photoswap.control.Settings by name). The paper's and the official
+    presets read the toy's 8x8 maps for local blend (their own quarter-side maps are its 4x4 mid
+    block), at their threshold 0.3."""
+    from photoswap.settings import PRESETS, no_swap, p2p
+
     t = PRESETS["toy"]
     return {"none": no_swap(t), "p2p (toy blend)": p2p(t),
             "paper": replace(PRESETS["paper"], blend_level=t.blend_level),
@@ -54,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.first < 0 or args.count < 1:
         raise cli.UsageError("give --first 0 or more and --count 1 or more")
+    from toy import swap as toy
+    from toy.evaluate import mean
+
     toy.check_model(args.weights)
     cli.threads(args.threads, TOY)
     started = time.time()
     srcs = [toy.source(i) for i in range(args.first, args.first + args.count)]
     work = []  # per concept: (pipe, inversions, target words, what scores against it)
     for name in args.concepts:
-        pipe = toy.load(toy.concept_model(name, args.weights, args.cache))
+        pipe = toy.toy_pipeline(toy.concept_model(name, args.weights, args.cache))
         words = [toy.target_prompt(s, name)[1] for s in srcs]
         m = toy.measure(name, args.weights)
         work.append((pipe, [toy.invert_source(pipe, s) for s in srcs], words, m))

@@ -19,12 +19,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image
+from sd import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def commands(tmp: Path) -> dict[str, list[str]]:
+    from PIL import Image
+
     photos = tmp / "photos"
     photos.mkdir(exist_ok=True)
     for i in range(2):
@@ -36,14 +38,14 @@ def commands(tmp: Path) -> dict[str, list[str]]:
         "dreambooth": [*py, "train.dreambooth", str(photos), "--instance-prompt",
                        "a photo of sks dog", "--model", "tiny", "--steps", "20", "-q",
                        "--checkpoint-every", "0", "-o", str(tmp / "db")],
-        "heatmap": [*py, "recipes.heatmap", "--toy", "10", "--weights", "weights/toy", "-q"],
-        "make swap": [*py, "toy.swap", "--cache", str(tmp / "cache"), "-o", str(tmp / "swap")],
+        "heatmap": [*py, "recipes", "heatmap", "--toy", "10", "--weights", "weights/toy", "-q"],
+        "make swap": [*py, "toy", "swap", "--cache", str(tmp / "cache"), "-o", str(tmp / "swap")],
     }
 
 
 NAMES = {"sd": "`python -m sd --model toy`, 30 steps",
          "dreambooth": "tiny DreamBooth, 20 steps",
-         "heatmap": "`recipes.heatmap --toy 10`",
+         "heatmap": "`recipes heatmap --toy 10`",
          "make swap": "`make swap`, fresh (DreamBooth included)"}
 
 
@@ -123,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

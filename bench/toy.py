@@ -12,7 +12,7 @@ Inversion: held-out scenes (one subject), and scenes of the second renderer (toy
 encoded with the VAE, inverted with the scene's caption, then redrawn by guided DDIM and
 decoded: PSNR against the scene. "ddim" redraws plain DDIM
 inversion's x_T with the empty prompt as the unconditional context; "null-text" with the
-optimised per-step contexts (train/inversion.py). "vae" is the reconstruction's ceiling: the
+optimised per-step contexts (sd/inversion.py). "vae" is the reconstruction's ceiling: the
 scene encoded and decoded, no diffusion.
 """
 
@@ -22,36 +22,39 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from sd.config import TOY
-from sd.pipeline import Pipeline
-from toy import judge as judgelib
-from toy import outside, scenes
-from train.inversion import ddim_inversion, invert, psnr, reconstruct
+from sd.config import TOY, InversionSettings
 
 
 def held_out(count: int) -> list[tuple]:
     """The first `count` held-out one-subject scenes: (image uint8 [64, 64, 3], caption)."""
+    from toy import scenes
+
     shown = [scenes.test_scene(i, two=0.0) for i in range(count)]
     return [(scenes.render(s)[0], scenes.caption(s)) for s in shown]
 
 
-def inversion(pipe: Pipeline, pictures: list[tuple], steps: int, guidance: float) -> dict | None:
+def inversion(pipe, pictures: list[tuple], steps: int, guidance: float) -> dict | None:
+    """PSNR of the pictures (image, caption) reconstructed by `pipe` (an sd Pipeline): mean, min
+    and max per way ("vae", "ddim", "null-text"); None without pictures."""
+    import torch
+    from PIL import Image
+
+    from sd.images import psnr
+    from sd.inversion import ddim_inversion, invert, reconstruct
+
     if not pictures:
         return None
     rows = {"vae": [], "ddim": [], "null-text": []}
     for image, prompt in pictures:
         target = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         latent = pipe.encode(Image.fromarray(image))
-        rows["vae"].append(psnr(pipe.decode(latent), target))
+        rows["vae"].append(psnr(pipe.decode(latent), target).item())
         cond = pipe.encode_prompt(prompt)
         x_T = ddim_inversion(pipe, latent, cond, steps, False)[-1]
         redrawn = pipe(prompt, steps=steps, guidance=guidance, latents=x_T, output="latent")
-        rows["ddim"].append(psnr(pipe.decode(redrawn), target))
-        inv = invert(pipe, latent, prompt, steps=steps, guidance=guidance)
-        rows["null-text"].append(psnr(pipe.decode(reconstruct(pipe, inv)), target))
+        rows["ddim"].append(psnr(pipe.decode(redrawn), target).item())
+        inv = invert(pipe, latent, prompt, InversionSettings(steps, guidance))
+        rows["null-text"].append(psnr(pipe.decode(reconstruct(pipe, inv)), target).item())
     return {k: {"mean": statistics.mean(v), "min": min(v), "max": max(v)} for k, v in rows.items()}
 
 
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="CFG scales for adherence; the first also for inversion")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    import torch
+
+    from sd.pipeline import Pipeline
+    from toy import judge as judgelib
+    from toy import outside
+
     torch.set_num_threads(a.threads)
     pipe = Pipeline.load(TOY, a.weights, torch.device("cpu"), torch.float32)
     judge = judgelib.load(a.judge)

@@ -22,9 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-import torch
-
 from bench import common
+from sd import cli
 
 CPU_CASES = [("tiny", 64, 1), ("tiny", 64, 4)]  # preset, image side, batch
 GPU_CASES = [("sd2.1-base", 512, 1)]
@@ -58,6 +57,8 @@ def rss_mib() -> float:
 
 def run_case(case: Case) -> dict:
     """One case, in this (fresh) process."""
+    import torch
+
     from sd.pipeline import Pipeline
     from train.dataset import draw
     from train.loop import Denoiser, Run, denoising_loss, optimizer_step
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=common.cpu_cores(),
                    help="torch.set_num_threads on CPU (default: all cores)")
     args = p.parse_args(argv)
+    import torch
+
     parts = ["cpu", "gpu"] if args.cpu == args.gpu else ["cpu"] if args.cpu else ["gpu"]
     print(f"{common.cpu_name()}, {common.cpu_cores()} cores; {common.versions()}", flush=True)
     for where in parts:
@@ -145,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,13 +12,9 @@ import struct
 import sys
 from pathlib import Path
 
+from photoswap.settings import METHODS, PRESETS
 from sd import cli
-from sd.cli import UsageError
-from sd.config import DTYPE_NAMES, PRESETS
 from sd.files import unwritable
-
-SWAP_PRESETS = ("paper", "official", "toy")  # control.PRESETS' keys, listed without importing torch
-METHODS = ("photoswap", "p2p", "none")  # photoswap.swap.METHODS
 
 EPILOG = """examples:
   python -m photoswap "a photo of a cat on the grass" --subject cat --concept "sks dog" \\
@@ -36,8 +32,7 @@ through step int(f T), M below int(f T), A below int(f (T + 1))."""
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m photoswap", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m photoswap", __doc__, EPILOG)
     p.add_argument("prompt", help="the source prompt (describes the photo, if one is given)")
     p.add_argument("--subject", nargs="+", required=True, metavar="WORD",
                    help="the subject word(s) of the source prompt to swap (one per subject)")
@@ -47,21 +42,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "word replaced by its concept)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", type=Path, help="a photo to swap into (inverted on the fly)")
-    src.add_argument("--inversion", type=Path, help="a saved inversion (python -m train.null_text)")
+    src.add_argument("--inversion", type=Path, help="a saved inversion (python -m sd invert)")
     p.add_argument("--fast", action="store_true", help="with --image: negative-prompt inversion")
     p.add_argument("--seed", type=int, default=0, help="without a photo: the source's noise seed "
                    "(also seeds --model tiny's random weights)")
-    p.add_argument("--weights", type=Path, help="the concept model (DreamBooth'd folder) or the "
-                   "base model; default weights/sd2.1-base or weights/MODEL")
     p.add_argument("--embeds", type=Path, help="a textual-inversion file defining the concept")
-    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
-                   help="as for python -m sd (default: from the weights)")
     p.add_argument("--method", choices=METHODS, default="photoswap",
                    help="p2p: prompt-to-prompt (A and self maps, no phi); none: the target prompt "
                    "from the same noise")
-    p.add_argument("--preset", choices=SWAP_PRESETS, default="paper",
+    p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="the swaps' windows, layers and blend: paper (Gu et al. 2023), official "
-                   "(the authors' notebook), toy (for the 64 px toy model; photoswap/control.py)")
+                   "(the authors' notebook), toy (for the 64 px toy model; photoswap/settings.py)")
     for name, what in (("phi", "self-attention output"), ("m", "self-attention map"),
                        ("a", "cross-attention map")):
         p.add_argument(f"--{name}", type=float, metavar="F",
@@ -82,11 +73,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-phi", type=float, nargs="+", metavar="F", help="phi windows")
     p.add_argument("--sweep-a", type=float, nargs="+", metavar="F", help="A windows")
     p.add_argument("-o", "--out", type=Path, default=Path("out/swap"), help="output folder")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    cli.add_threads(p)
-    p.error = lambda message: p.exit(2, f"error: {message} (see python -m photoswap --help)\n")
+    cli.add_model_options(p, weights_help="the concept model (a DreamBooth'd folder) or the base "
+                          "model: diffusers folder or single-file checkpoint")
     return p.parse_args(argv)
 
 
@@ -99,7 +87,7 @@ def embeds_tokens(path: Path) -> list[str]:
                 raise ValueError("not a safetensors file")
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as e:
-        raise UsageError(f"{path}: cannot be read as a textual-inversion file ({e})") from e
+        raise cli.UsageError(f"{path}: cannot be read as a textual-inversion file ({e})") from e
     return [k for k in header if k != "__metadata__"]
 
 
@@ -111,29 +99,30 @@ def check(args: argparse.Namespace) -> None:
     for flag, values in windows.items():
         for value in values:
             if value is not None and not 0 <= value <= 1:
-                raise UsageError(f"{flag} {value} is outside [0, 1]: windows and the blend start "
-                                "are fractions of the steps")
+                raise cli.UsageError(f"{flag} {value} is outside [0, 1]: windows and the blend "
+                                     "start are fractions of the steps")
     if len(args.concept) != len(args.subject):
-        raise UsageError(f"{len(args.subject)} subject word(s) but {len(args.concept)} concept(s): "
-                        "give one --concept per --subject word")
+        raise cli.UsageError(f"{len(args.subject)} subject word(s) but {len(args.concept)} "
+                             "concept(s): give one --concept per --subject word")
     if (args.sweep_phi is None) != (args.sweep_a is None):
-        raise UsageError("a sweep needs both --sweep-phi and --sweep-a")
+        raise cli.UsageError("a sweep needs both --sweep-phi and --sweep-a")
     if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        raise cli.UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):  # as sd.pipeline's
-        raise UsageError(f"--guidance {args.guidance}: give a finite number (0: the unconditional "
-                         "model alone; 1: the prompt without guidance; 7.5: the default)")
+        raise cli.UsageError(f"--guidance {args.guidance}: give a finite number (0: the "
+                             "unconditional model alone; 1: the prompt without guidance; 7.5: "
+                             "the default)")
     if problem := unwritable(args.out, folder=True):
-        raise UsageError(f"-o: {problem}")
+        raise cli.UsageError(f"-o: {problem}")
     multiple = 64 if args.image else 8  # sd.images.load_image crops photos to multiples of 64
     for flag, side in (("--height", args.height), ("--width", args.width)):
         if side is not None and (side <= 0 or side % multiple):
-            raise UsageError(f"{flag} must be a positive multiple of {multiple}, got {side}")
+            raise cli.UsageError(f"{flag} must be a positive multiple of {multiple}, got {side}")
     if args.fast and args.image is None:
-        raise UsageError("--fast chooses how --image is inverted: give --image")
+        raise cli.UsageError("--fast chooses how --image is inverted: give --image")
     for path in (args.image, args.inversion, args.embeds, args.mask, args.weights):
         if path is not None and not path.exists():
-            raise UsageError(f"{path}: no such file or folder")
+            raise cli.UsageError(f"{path}: no such file or folder")
     from sd.images import open_image  # noqa: PLC0415 (Pillow is quick; torch is not)
 
     for path in (args.mask, args.image):

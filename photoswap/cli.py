@@ -13,19 +13,21 @@ import torch
 from PIL import Image
 
 from photoswap.align import subject_indices
-from photoswap.swap import Pair, control, replace_words, run, settings_for, subjects_of
+from photoswap.settings import settings_for
+from photoswap.swap import Pair, control, replace_words, run, subjects_of
 from photoswap.visual import Recorder, label, layout_rgb, normalise, sweep
 from sd import ddim
 from sd.attention import Site
 from sd.cli import open_pipeline
+from sd.config import InversionSettings
 from sd.controls import Combined
 from sd.files import atomic_write
 from sd.images import grid, load_image, open_image, overlay, save_image, to_pil
+from sd.inversion import invert
+from sd.inversion import load as load_inversion
 from sd.pipeline import Pipeline
 from sd.tokenizer import Tokenizer
 from sd.weights import resolve
-from train.inversion import invert
-from train.inversion import load as load_inversion
 
 
 def check_concepts(tok: Tokenizer, concepts: list[str], learned: list[str], embeds) -> None:
@@ -119,8 +121,8 @@ def source(args: argparse.Namespace, pipe: Pipeline, target: str):
         return pair, inv.steps, guidance, None, inv.method
     if args.image:
         photo = to_pil(load_image(args.image, h, w))[0]
-        inv = invert(pipe, pipe.encode(args.image, h, w), args.prompt, steps, guidance,
-                     fast=args.fast, progress=not args.quiet)
+        inv = invert(pipe, pipe.encode(args.image, h, w), args.prompt,
+                     InversionSettings(steps, guidance, fast=args.fast), not args.quiet)
         pair = Pair(args.prompt, target, args.subject, args.concept, inv.x_T, inv.uncond)
         return pair, steps, guidance, photo, inv.method
     pair = Pair(args.prompt, target, args.subject, args.concept, pipe.noise(1, h, w, args.seed))

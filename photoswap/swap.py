@@ -9,16 +9,15 @@ arguments or writes files (that is photoswap/__main__.py and photoswap/cli.py).
 """
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from photoswap.align import refinement, subject_indices
-from photoswap.control import PRESETS, PhotoSwap, Settings, no_swap, p2p
+from photoswap.control import PhotoSwap
+from photoswap.settings import Settings
 from sd.attention import Control
 from sd.pipeline import Pipeline
-
-METHODS = ("photoswap", "p2p", "none")
 
 
 @dataclass
@@ -29,31 +28,6 @@ class Pair:
     target_words: list[str]  # the concept's words in the target prompt
     x_T: torch.Tensor  # [1, 4, h, w]
     uncond: list[torch.Tensor] | None = None  # one [1, 77, width] context per step (null-text)
-
-
-def method_settings(method: str, base: Settings) -> Settings:
-    """A method's settings from a preset: photoswap is the preset, the baselines derive from it."""
-    return {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
-
-
-def settings_for(method: str, preset: str = "paper", phi: float | None = None,
-                 m: float | None = None, a: float | None = None,
-                 blend_start: float | None | bool = True) -> Settings:
-    """The preset, turned into a baseline by `method`, with windows overridden where given;
-    blend_start False turns local blend off, True keeps the preset's."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: give one of {', '.join(METHODS)}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: give one of {', '.join(PRESETS)}")
-    s = method_settings(method, PRESETS[preset])
-    for name, window in (("phi", phi), ("m", m), ("a", a)):
-        if window is not None:
-            s = replace(s, **{name: replace(getattr(s, name), window=window)})
-    if blend_start is False:
-        s = replace(s, blend_start=None)
-    elif blend_start is not True and blend_start is not None:
-        s = replace(s, blend_start=blend_start)
-    return s
 
 
 def replace_words(prompt: str, words: list[str], concepts: list[str]) -> str:

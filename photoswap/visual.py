@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from photoswap.control import Settings
+from photoswap.settings import Settings
 from photoswap.swap import Pair, run
 from sd.attention import attention_map
 from sd.controls import Observer

@@ -19,89 +19,23 @@ a 16x16 toy latent would take steps 16 times as large); the features are each se
 layer's output before its output projection (what the sd control interface hands a control;
 theirs is after `to_out`, a fixed linear map).
 
-    python -m recipes.cds photo.png --source "a cat" --target "a dog" -o out/edit.png
-    python -m recipes.cds --toy 8 --weights weights/toy -o out/cds.png  # background PSNR: DDS, CDS
+The command line: `python -m recipes cds --help` (recipes/__main__.py); the settings:
+recipes/settings.py.
 """
 
-import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
-from recipes import load, model_options, settings_from, settings_options
-from sd import cli
-from sd.files import unwritable
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-
-@dataclass(frozen=True)
-class Settings:
-    iterations: int = 200
-    lr: float = 0.1
-    guidance: float = 7.5
-    t_min: int = 50
-    t_max: int = 950
-    w_dds: float = 1.0
-    w_cut: float = 3.0
-    patches: int = 256
-    patch_sizes: tuple[int, ...] = (1, 2)
-    temperature: float = 0.07
-    scale: float = 2000 / 64**2
-
-
-PRESETS = {"paper": Settings()}  # the toy model takes them as they are
-HELP = {  # --help's words for each setting
-    "iterations": "optimisation steps on the target latent",
-    "lr": "SGD learning rate",
-    "guidance": "classifier-free guidance scale of both noise predictions",
-    "t_min": "t is drawn uniformly from [t-min, t-max) (DDS avoids the extremes)",
-    "t_max": "see --t-min",
-    "w_dds": "weight of the DDS gradient",
-    "w_cut": "weight of the contrastive (CUT) loss; 0 gives DDS alone",
-    "patches": "patch positions sampled per layer and patch size",
-    "patch_sizes": "patch sides in feature pixels (average-pooled)",
-    "temperature": "of the PatchNCE softmax",
-    "scale": "the DDS gradient per latent element is scale * w_dds * delta (theirs: 2000/64^2)",
-}
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recipes.cds", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", nargs="?", type=Path, help="the photo to edit")
-    p.add_argument("--source", help="a prompt describing the photo")
-    p.add_argument("--target", help="the same prompt, changed as the photo should change")
-    p.add_argument("--toy", type=int, metavar="SCENES", help="instead: recolour the subject of "
-                   "SCENES held-out toy scenes with DDS and CDS; report background and subject "
-                   "PSNR (the README's numbers: --toy 8, about 30 s a scene on one CPU thread)")
-    settings_options(p, PRESETS, HELP)
-    model_options(p)
-    p.add_argument("-o", "--output", type=Path, help="the edited image (default out/edit.png); "
-                   "with --toy: the first 4 scenes' photo, exact edit, DDS and CDS")
-    args = p.parse_args(argv)
-    s = args.settings = settings_from(args, PRESETS)
-    if message := unwritable(args.output or Path("out/edit.png")):
-        p.error(message)
-    if args.toy is None and (args.image is None or args.source is None or args.target is None):
-        p.error("give IMAGE --source PROMPT --target PROMPT, or --toy SCENES")
-    counts = (s.iterations, s.patches, *s.patch_sizes, 1 if args.toy is None else args.toy)
-    if min(counts) < 1:
-        p.error("--iterations, --patches, --patch-sizes and --toy: give 1 or more")
-    if not 0 <= s.t_min < s.t_max <= 1000 or s.temperature <= 0:
-        p.error("need 0 <= --t-min < --t-max <= 1000 and a positive --temperature")
-    return args
-
-
-if __name__ == "__main__":
-    parse()  # --help and usage errors answer before torch loads
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from sd import ddim  # noqa: E402
-from sd.attention import Control, attention  # noqa: E402
-from sd.pipeline import Pipeline, rows  # noqa: E402
-from toy import heldout  # noqa: E402
+from recipes.settings import CDSSettings as Settings
+from sd import ddim
+from sd.attention import Control, attention
+from sd.images import psnr
+from sd.pipeline import Pipeline, rows
+from toy import heldout
 
 
 class SelfFeatures(Control):
@@ -187,12 +121,6 @@ def edit(pipe: Pipeline, z_src: torch.Tensor, source: str, target: str, s: Setti
     return z_trg.detach()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1] over the pixels where `where` [H, W] is true."""
-    mse = (a - b).pow(2).mean(-3)[..., where].mean()
-    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).item()
-
-
 def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed: int = 0,
                  progress: bool = False) -> tuple[dict[str, float], list[list]]:
     """Recolour the subject of `scenes` held-out one-subject toy scenes with DDS (w_cut 0) and
@@ -200,8 +128,6 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
     dilated by 2 px; subject PSNR: against the exact render of the edited scene, inside the mask
     (the unedited photo's is the floor an edit should rise above). Also, per scene, the images
     [photo, exact edit, DDS, CDS] in [0, 1] for a picture."""
-    from dataclasses import replace
-
     world, results, shown = heldout.world, {}, []
     for n, scene in enumerate(heldout.scenes(scenes)):
         subject = scene.subjects[0]
@@ -215,14 +141,14 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
         z = pipe.models.vae.encode(photo.to(pipe.device, pipe.dtype) * 2 - 1).mean
         z = z * pipe.cfg.vae.scaling  # as Pipeline.encode
         shown.append([photo, ideal])
-        scores = {"unedited subject": psnr(photo, ideal, mask)}
+        scores = {"unedited subject": psnr(photo, ideal, where=mask).item()}
         for name, w_cut in (("dds", 0.0), ("cds", s.w_cut)):
             out = edit(pipe, z, world.caption(scene), world.caption(edited),
                        replace(s, w_cut=w_cut), seed + n)
             out = pipe.decode(out.to(pipe.dtype)).float().cpu()
             shown[-1].append(out)
-            scores |= {f"{name} background": psnr(out, photo, ~near),
-                       f"{name} subject": psnr(out, ideal, mask)}
+            scores |= {f"{name} background": psnr(out, photo, where=~near).item(),
+                       f"{name} subject": psnr(out, ideal, where=mask).item()}
         for k, v in scores.items():
             results.setdefault(k, []).append(v)
         if progress:
@@ -230,36 +156,3 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 8, s: Settings = Settings(), seed
                                                          for k, v in scores.items()),
                   file=sys.stderr)
     return {k: sum(v) / len(v) for k, v in results.items()}, shown
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    from sd.images import grid, image_format, load_image, save_image, to_pil
-
-    s, output = args.settings, args.output or Path("out/edit.png")
-    # What the user gave is checked before the model loads.
-    image_format(output)
-    if args.toy is None:
-        load_image(args.image, 64, 64)
-    pipe = load(args)
-    if args.toy is not None:
-        r, shown = evaluate_toy(pipe, args.toy, s, args.seed, not args.quiet)
-        print(f"background PSNR outside the subject: DDS {r['dds background']:.2f} dB, CDS "
-              f"{r['cds background']:.2f} dB; subject PSNR against the exact edit: DDS "
-              f"{r['dds subject']:.2f}, CDS {r['cds subject']:.2f}, unedited "
-              f"{r['unedited subject']:.2f} dB ({args.toy} toy scenes)")
-        if args.output:  # rows: photo, exact edit, DDS, CDS; shown 4x
-            tiles = [[im.resize((256, 256), 0) for im in to_pil(torch.cat(row))]
-                     for row in shown[:4]]
-            save_image(grid(tiles), args.output)
-            print(f"wrote {args.output}")
-        return 0
-    z = pipe.encode(args.image)
-    out = edit(pipe, z, args.source, args.target, s, args.seed, not args.quiet)
-    save_image(to_pil(pipe.decode(out.to(pipe.dtype)))[0], output)
-    print(f"wrote {output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

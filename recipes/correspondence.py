@@ -11,92 +11,23 @@ initialisations and crops. Departures: Gaussian noise (theirs torch.rand); the t
 at the source's timestep (theirs timesteps[-3]); no flips (their default); several embeddings
 are optimised side by side, each with its own random draws.
 
-    python -m recipes.correspondence source.png target.png --point 120 200 -o out/match.png
-    python -m recipes.correspondence --toy 30 --preset toy --batch 12 --weights weights/toy
+The command line: `python -m recipes correspondence --help` (recipes/__main__.py); the settings
+and presets: recipes/settings.py.
 """
 
-import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-from recipes import load, model_options, settings_from, settings_options
-from sd import cli
-from sd.files import unwritable
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-
-@dataclass(frozen=True)
-class Settings:
-    lr: float = 0.0023755632081200314
-    steps: int = 129
-    inits: int = 5
-    schedule: int = 50
-    noise_index: int = -8
-    sigma: float = 27.97853316316864 / 512
-    crop: float = 0.9316549294381423
-    crops: int = 20
-    layers: int = 4
-
-
-PRESETS = {"paper": Settings(), "toy": Settings(lr=0.1, steps=40, inits=2, crops=8)}
-HELP = {  # --help's words for each setting
-    "lr": "Adam learning rate of the embedding",
-    "steps": "optimisation steps per initialisation",
-    "inits": "random initial embeddings; their target maps are averaged",
-    "schedule": "DDIM steps of the schedule the timestep is taken from",
-    "noise_index": "which of its timesteps noises the image (-8 of 50: t = 141)",
-    "sigma": "the Gaussian's std, as a fraction of the image side",
-    "crop": "random crop side, as a fraction of the image side",
-    "crops": "crops averaged on the target (the first four at the corners)",
-    "layers": "decoder cross layers read: the first ones at the two coarsest levels",
-}
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recipes.correspondence", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", type=Path, help="image holding the query points")
-    p.add_argument("target", nargs="?", type=Path, help="image to find the points in")
-    p.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"), action="append",
-                   help="a query, in the source image's pixels (x right, y down); repeatable")
-    p.add_argument("--toy", type=int, metavar="PAIRS", help="instead: PCK on PAIRS held-out toy "
-                   "scene pairs (the README's numbers: --toy 30 --preset toy --batch 12, a few "
-                   "minutes on one CPU thread; -o draws the first 4 pairs)")
-    p.add_argument("--alpha", type=float, default=0.1, help="PCK threshold, a fraction of the "
-                   "image side (default 0.1)")
-    p.add_argument("--batch", type=int, default=5, help="embeddings optimised at once (points x "
-                   "initialisations); the answer does not depend on it (default 5)")
-    settings_options(p, PRESETS, HELP)
-    model_options(p)
-    p.add_argument("-o", "--output", type=Path, help="picture: sources with the queries, targets "
-                   "with the answers (rings) and the truth (dots), the first point's map")
-    args = p.parse_args(argv)
-    s = args.settings = settings_from(args, PRESETS)
-    if args.output and (message := unwritable(args.output)):
-        p.error(message)
-    if args.toy is None and (args.target is None or args.point is None):
-        p.error("give SOURCE TARGET --point X Y, or --toy PAIRS")
-    pairs = 1 if args.toy is None else args.toy
-    if min(s.steps, s.inits, s.crops, s.layers, args.batch, pairs) < 1:
-        p.error("--steps, --inits, --crops, --layers, --batch and --toy: give 1 or more")
-    if not -s.schedule <= s.noise_index < s.schedule:
-        p.error(f"--noise-index: give -{s.schedule} to {s.schedule - 1} (--schedule steps)")
-    if not (0 < s.crop <= 1 and s.sigma > 0 and args.alpha > 0):
-        p.error("--crop: give more than 0, up to 1; --sigma and --alpha: give positive numbers")
-    return args
-
-
-if __name__ == "__main__":
-    parse()  # --help and usage errors answer before torch loads
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from sd import ddim  # noqa: E402
-from sd.attention import Control, apply_map, attention, attention_map  # noqa: E402
-from sd.pipeline import Pipeline  # noqa: E402
-from toy import heldout  # noqa: E402
+from recipes.settings import CORRESPONDENCE_PRESETS as PRESETS
+from recipes.settings import CorrespondenceSettings as Settings
+from sd import ddim
+from sd.attention import Control, apply_map, attention, attention_map
+from sd.images import grid, overlay, to_pil
+from sd.pipeline import Pipeline
+from toy import heldout
 
 Gens = list[torch.Generator]  # one per embedding: its crops and noise do not depend on the batch
 
@@ -273,8 +204,6 @@ def evaluate_toy(pipe: Pipeline, pairs: int = 30, alpha: float = 0.1, s: Setting
 def picture(rows: list[tuple]) -> Image.Image:
     """Per row (source, target, queries, answers, truth or None, map): the source with the
     queries, the target with the answers (rings) and the truth (dots), the map over the target."""
-    from sd.images import grid, overlay, to_pil
-
     tiles, colours = [], ["cyan", "magenta", "yellow", "lime", "orange", "white"]
     for source, target, query, found, true, heat in rows:
         src, tgt = to_pil(torch.cat([source, target]))
@@ -290,46 +219,3 @@ def picture(rows: list[tuple]) -> Image.Image:
                 draw[1].ellipse([*(true[j] * k - r / 2), *(true[j] * k + r / 2)], fill=c)
         tiles.append(row)
     return grid(tiles)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    from sd.images import image_format, load_image, open_image, rgb, save_image
-
-    # What the user gave is checked before the model loads.
-    if args.output:
-        image_format(args.output)
-    if args.toy is None:
-        for path in (args.source, args.target):
-            load_image(path, 64, 64)
-        w, h = rgb(open_image(args.source)).size  # as displayed, and as load_image crops it
-        unit = [[(p - (n - min(w, h)) / 2) / min(w, h) for p, n in zip(q, (w, h))]
-                for q in args.point]
-        if bad := [q for q, u in zip(args.point, unit) if not all(0 <= v < 1 for v in u)]:
-            raise ValueError(f"--point {bad[0][0]:g} {bad[0][1]:g} is outside the centre "
-                             f"square of the {w}x{h} source image")
-    pipe = load(args)
-    side = pipe.cfg.resolution
-    if args.toy is not None:
-        r, rows = evaluate_toy(pipe, args.toy, args.alpha, args.settings, args.seed,
-                               args.batch, not args.quiet)
-        print(f"PCK@{args.alpha:g}: {r['pck']:.3f} over {r['keypoints']} keypoints of "
-              f"{args.toy} toy pairs (chance {r['chance']:.3f}, copying the source point "
-              f"{r['copy']:.3f}; preset {args.preset})")
-    else:
-        source, target = (load_image(p, side, side) for p in (args.source, args.target))
-        points = torch.tensor(unit) * side
-        found, heat = correspond(pipe, source, target, points, args.settings, args.seed,
-                                 args.batch, not args.quiet)
-        rows = [(source, target, points, found, None, heat[0])]
-        for p, f in zip(points.tolist(), found.tolist()):  # as the model sees the images
-            print(f"query ({p[0]:.1f}, {p[1]:.1f}) -> ({f[0]:.1f}, {f[1]:.1f}) in the "
-                  f"{side}x{side} centre squares")
-    if args.output:
-        save_image(picture(rows[:4]), args.output)
-        print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

@@ -7,52 +7,18 @@ its caption, the control recording as during sampling. On the toy world the subj
 mask is known, so the word's thresholded map is scored by IoU against it, beside a centred blob
 (a centred Gaussian thresholded the same way): the baseline any layout prior would reach.
 
-    python -m recipes.heatmap --toy 50 --weights weights/toy -o out/heat.png  # mean IoU, baseline
+The command line: `python -m recipes heatmap --help` (recipes/__main__.py).
 """
 
-import argparse
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from recipes import load, model_options
-from sd import cli
-from sd.files import unwritable
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recipes.heatmap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", type=int, metavar="SCENES", required=True,
-                   help="held-out one-subject toy scenes to score (the README's numbers: --toy "
-                   "50 at the defaults, about 1.5 min on one CPU thread)")
-    p.add_argument("--steps", type=int, default=50, help="timesteps the maps are summed over "
-                   "(a DDIM schedule, default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of each evaluation "
-                   "(default 7.5; the maps read the conditional half either way)")
-    p.add_argument("--threshold", type=float, default=0.4, help="tau on the normalised map "
-                   "(default 0.4, DAAM's)")
-    model_options(p)
-    p.add_argument("-o", "--output", type=Path, help="picture of the first 4 scenes: photo, map, "
-                   "mask against the exact mask")
-    args = p.parse_args(argv)
-    if args.output and (message := unwritable(args.output)):
-        p.error(message)
-    if args.toy < 1 or args.steps < 1 or not 0 <= args.threshold <= 1:
-        p.error("--toy and --steps must be at least 1, --threshold within 0 to 1")
-    return args
-
-
-if __name__ == "__main__":
-    parse()  # --help and usage errors answer before torch loads
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from sd import ddim  # noqa: E402
-from sd.controls import HeatMap  # noqa: E402
-from sd.pipeline import Pipeline  # noqa: E402
-from toy import heldout  # noqa: E402
+from sd import ddim
+from sd.controls import HeatMap
+from sd.images import grid, overlay, to_pil
+from sd.pipeline import Pipeline
+from toy import heldout
 
 
 @torch.no_grad()
@@ -106,8 +72,6 @@ def evaluate_toy(pipe: Pipeline, scenes: int = 50, steps: int = 50, guidance: fl
 def picture(shown: list[tuple], threshold: float) -> Image.Image:
     """Per scene: the photo, its map over it, and the thresholded map against the exact mask
     (white: both, red: the map alone, blue: the mask alone); shown 4x."""
-    from sd.images import grid, overlay, to_pil
-
     rows = []
     for photo, heat, truth in shown:
         image, mask = to_pil(photo[None])[0], heat >= threshold
@@ -115,25 +79,3 @@ def picture(shown: list[tuple], threshold: float) -> Image.Image:
         row = [image, overlay(image, heat), to_pil(both[None])[0]]
         rows.append([im.resize((256, 256), Image.Resampling.NEAREST) for im in row])
     return grid(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    from sd.images import image_format, save_image
-
-    if args.output:
-        image_format(args.output)
-    pipe = load(args)
-    r, shown = evaluate_toy(pipe, args.toy, args.steps, args.guidance, args.threshold,
-                            args.seed)
-    print(f"mean IoU of the shape word's mask with the exact subject mask: {r['mean iou']:.3f} "
-          f"(centred blob {r['centred blob iou']:.3f}; {args.toy} toy scenes, tau "
-          f"{args.threshold:g}, {args.steps} timesteps)")
-    if args.output:
-        save_image(picture(shown[:4], args.threshold), args.output)
-        print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

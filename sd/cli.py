@@ -24,24 +24,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from sd.config import DTYPE_NAMES, PRESETS
+from sd.errors import MissingWeights, UsageError, WeightsError  # noqa: F401 (the CLI layer's)
+
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
-
-
-class UsageError(ValueError):
-    """Bad input from the command line or the files it names: one `error:` line, exit code 2."""
-
-
-class WeightsError(UsageError):
-    """A weights file is missing, unreadable, or does not fit the model (sd/weights.py, sd/ldm.py
-    raise it)."""
-
-
-class MissingWeights(WeightsError):
-    """No weights where a preset's are looked for; `advice` below says how to get them."""
-
-    def __init__(self, message: str, preset: str):
-        super().__init__(message)
-        self.preset = preset
 
 
 def advice(e: BaseException) -> str:
@@ -80,6 +66,33 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             raise
         print(f"error: out of memory: {one_line(e)[:200]}", file=sys.stderr)
         return FAILED
+
+
+def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    """An ArgumentParser whose usage errors are one `error:` line (exit code 2), like every other
+    error of a command, not a line after a usage block."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(USAGE, f"error: {message} (see {prog} --help)\n")
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser, dtype_default: str | None = None,
+                      weights_help: str = "diffusers folder or single-file checkpoint") -> None:
+    """--model, --weights, --device, --dtype, -q and --threads: how every command that runs a
+    model names it and where it runs (open_pipeline below applies them)."""
+    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
+                   help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; toy: our 64 px "
+                        "model, committed in weights/toy; tiny: random toy-size weights for "
+                        "trying the code (default: from the weights)")
+    p.add_argument("--weights", type=Path, help=f"{weights_help} (default: weights/sd2.1-base, "
+                   "or weights/MODEL with --model)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=dtype_default,
+                   help=f"of the model (default: {dtype_default})" if dtype_default else
+                   "of the model (default: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_threads(p)
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
@@ -147,8 +160,7 @@ def open_pipeline(cfg, weights, why: str, device: str | None = None, dtype: str 
     a warning for a size far beyond the model's; `seed` seeds random (tiny) weights."""
     import torch
 
-    from sd.config import DTYPES
-    from sd.pipeline import Pipeline, default_device_dtype, pick_device
+    from sd.pipeline import DTYPES, Pipeline, default_device_dtype, pick_device
 
     device = pick_device(device)
     fallback = default_device_dtype()[1] if device.type == "cuda" else torch.float32

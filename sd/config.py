@@ -1,4 +1,5 @@
-"""Frozen configs for every SD 2.1 component, with named presets.
+"""Frozen configs for every SD 2.1 component, with named presets; and the settings of the
+inference-time methods of sd/ (inversion). Torch-free: the command lines read defaults here.
 
 Each preset mirrors the config.json shipped with the official weights (copies of the SD 2.1 ones
 live in tests/data/): text_encoder/config.json, vae/config.json, unet/config.json and
@@ -148,12 +149,19 @@ def preset(name: str, prediction: str | None = None) -> ModelConfig:
     return cfg
 
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # DTYPES' keys: the CLIs list them before torch loads
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # sd.pipeline.DTYPES' keys, listed by the CLIs
 
 
-def __getattr__(name: str):  # DTYPES, built on first use (PEP 562): torch takes a second to load
-    if name != "DTYPES":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import torch
+@dataclass(frozen=True)
+class InversionSettings:
+    """How sd/inversion.py inverts a photo; null-text inversion's defaults are the notebook's."""
 
-    return dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
+    steps: int = 50  # DDIM steps; null-text inversion takes at most MAX_INVERSION_STEPS
+    guidance: float = 7.5  # the CFG scale the inversion will be sampled with
+    fast: bool = False  # negative-prompt inversion (Miyake et al.): nothing optimised
+    inner_steps: int = 10  # Adam iterations per step, at most
+    lr: float = 1e-2  # Adam's, decayed as lr * (1 - i / 100) over steps i
+    epsilon: float = 1e-5  # an iteration stops once the loss is under epsilon + i * 2e-5
+
+
+MAX_INVERSION_STEPS = 100  # lr * (1 - i/100) is negative past it

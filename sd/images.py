@@ -51,6 +51,18 @@ def rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_warning(size: tuple[int, int], height: int, width: int) -> str | None:
+    """What load_image's resize-and-crop of an image of `size` (w, h) loses, if it is a lot."""
+    w, h = size
+    scale = max(width / w, height / h)
+    kept = (width * height) / (w * h * scale**2)  # the share of the image the crop keeps
+    if scale > 4:
+        return f"it is {w}x{h}, scaled up {scale:.3g}x to {width}x{height}: use a larger image"
+    if kept < 0.25:
+        return f"it is {w}x{h}: a {width}x{height} crop keeps {kept:.1%}: crop it yourself first"
+    return None
+
+
 def image_format(path: Path) -> str:
     """The PIL format that `path`'s extension names; a ValueError for an unknown extension."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
@@ -83,3 +95,13 @@ def overlay(image: Image.Image, heat: torch.Tensor) -> Image.Image:
     colour = np.concatenate([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), 0 * h], axis=-1)
     mixed = 0.4 * np.asarray(image, dtype=np.float32) / 255 + 0.6 * colour
     return Image.fromarray((mixed * 255).round().astype(np.uint8))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0,
+         where: torch.Tensor | None = None) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each image of a batch [..., C, H, W] with values in
+    [0, peak] (inf where the two are equal), over the pixels where `where` [H, W] is true if
+    given. The error is summed in float64, so equal inputs give inf and not a rounding error."""
+    err = (a.detach().double().cpu() - b.detach().double().cpu()).pow(2).mean(-3)
+    mse = (err[..., where] if where is not None else err.flatten(-2)).mean(-1)
+    return 10 * torch.log10(peak**2 / mse)

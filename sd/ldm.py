@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from sd.cli import WeightsError
 from sd.config import ModelConfig
+from sd.errors import WeightsError
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.model."}

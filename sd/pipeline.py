@@ -17,10 +17,12 @@ from tqdm.auto import tqdm
 
 from sd import ddim
 from sd.attention import Control
-from sd.config import ModelConfig
+from sd.config import DTYPE_NAMES, ModelConfig
 from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
 from sd.weights import Models, build, load, read
+
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sd import ldm
-from sd.cli import MissingWeights, WeightsError
 from sd.clip import TextEncoder
 from sd.config import PRESETS, ModelConfig, preset
+from sd.errors import MissingWeights, WeightsError
 from sd.unet import UNet
 from sd.vae import VAE
 

@@ -145,7 +145,7 @@ MUTANTS = [
     m("converter keeps OpenCLIP's 24th text block", "sd/ldm.py",
       "if n >= layers:", "if n > layers:",
       "tests/test_weights.py::test_single_file_matches_diffusers_converter"),
-    m("null-text: no learning-rate decay", "train/inversion.py",
+    m("null-text: no learning-rate decay", "sd/inversion.py",
       "opt = torch.optim.Adam([emb], lr=lr * (1 - i / 100), eps=1e-8 * scale)",
       "opt = torch.optim.Adam([emb], lr=lr, eps=1e-8 * scale)",
       "tests/test_inversion.py::test_matches_the_notebook"),
@@ -171,7 +171,7 @@ MUTANTS = [
     m("local blend reads the maps before the A swap", "photoswap/control.py",
       'if a.half != "uncond" and self._on(a, site):', "if False:",
       OFFICIAL + "p2p refine + blend-float64]"),
-    m("phi window one step short", "photoswap/control.py",
+    m("phi window one step short", "photoswap/settings.py",
       '"f*T+1": lambda f, steps: int(f * steps) + 1}', '"f*T+1": lambda f, steps: int(f * steps)}',
       OFFICIAL + "equal length-float64]"),
 ]

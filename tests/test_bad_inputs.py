@@ -20,17 +20,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from sd import inversion as nt
 from sd import weights
-from sd.config import TINY
-from sd.images import load_image
+from sd.config import TINY, InversionSettings
+from sd.images import fit_warning, load_image
 from sd.pipeline import Pipeline, concept_rows
 from sd.weights import WeightsError
 from train import UsageError
-from train import inversion as nt
 from train.dataset import ImageFolder
-from train.embedding import train as ti_train
-from train.finetune import train as db_train
-from train.null_text import fit_warning
+from train.dreambooth import train as db_train
+from train.settings import DreamBoothSettings, TextualInversionSettings
+from train.textual_inversion import train as ti_train
 
 ROOT = Path(__file__).parent.parent
 
@@ -156,13 +156,13 @@ def test_tiny_and_extreme_images_are_reported(tmp_path):
     assert "scaled up 64x" in fit_warning((1, 1), 64, 64)
     assert "keeps 0.5%" in fit_warning((12800, 64), 64, 64)
     assert fit_warning((80, 64), 64, 64) is None
-    r = cli("train.null_text", tmp_path / "a.png", "--prompt", "x", "--model", "tiny", "--fast",
+    r = cli("sd", "invert", tmp_path / "a.png", "--prompt", "x", "--model", "tiny", "--fast",
             "--steps", "2", "-q", "-o", tmp_path / "a.inv")
     assert r.returncode == 0, r.stderr
     assert f"warning: {tmp_path / 'a.png'}: it is 1x1, scaled up 64x" in r.stderr
 
 
-# ------------------------------------------------------------------------------ train.null_text
+# ---------------------------------------------------------------------------------- sd invert
 
 def test_null_text_arguments_are_checked_before_loading(tmp_path, photos):
     (tmp_path / "file").write_text("x")
@@ -174,7 +174,7 @@ def test_null_text_arguments_are_checked_before_loading(tmp_path, photos):
              (["--steps", "200"], "null-text inversion takes at most 100"),
              (["--steps", "0"], "steps must be in [1, 1000], got 0")]
     for args, message in cases:
-        refused(cli("train.null_text", photo, "--prompt", "x", "--model", "tiny", *args), message,
+        refused(cli("sd", "invert", photo, "--prompt", "x", "--model", "tiny", *args), message,
                 2)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["file"]
 
@@ -202,7 +202,7 @@ def test_fingerprint_covers_every_tensor(tiny, tmp_path):
     assert nt.fingerprint(pipe) == base
     print(f"changing any one of {changed} tensors changes the fingerprint")
     pipe = Pipeline(tiny, TINY)
-    inv = nt.invert(pipe, torch.zeros(1, 4, 8, 8), "x", steps=2, fast=True)
+    inv = nt.invert(pipe, torch.zeros(1, 4, 8, 8), "x", InversionSettings(steps=2, fast=True))
     nt.save(inv, tmp_path / "x.inv")
     with torch.no_grad():
         tiny.vae.decoder.conv_out.bias[0] += 0.5  # a part the old fingerprint never read
@@ -217,9 +217,9 @@ def test_fingerprint_covers_every_tensor(tiny, tmp_path):
 
 def test_trainer_arguments_are_checked_before_loading(tmp_path, photos):
     (tmp_path / "file").write_text("x")
-    db = ["train.dreambooth", photos, "--instance-prompt", "a photo of sks", "--model", "tiny",
+    db = ["train", "dreambooth", photos, "--instance-prompt", "a photo of sks", "--model", "tiny",
           "-o", tmp_path / "db"]
-    ti = ["train.textual_inversion", photos, "--token", "<sks>", "--model", "tiny",
+    ti = ["train", "textual-inversion", photos, "--token", "<sks>", "--model", "tiny",
           "-o", tmp_path / "ti"]
     cases = [(db, ["--grad-accum", "0"], "--grad-accum: give 1 or more"),
              (db, ["--batch-size", "0"], "--batch-size: give 1 or more"),
@@ -243,11 +243,9 @@ def test_trainer_arguments_are_checked_before_loading(tmp_path, photos):
 
 def test_keep_prunes_only_after_the_new_checkpoint_is_complete(photos, tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    from train.dreambooth import parse
-
-    args = [str(photos), "--instance-prompt", "a photo of sks", "--model", "tiny", "-q",
-            "--steps", "4", "--checkpoint-every", "1", "--keep", "2", "-o", str(tmp_path)]
-    db_train(parse(args))
+    args = DreamBoothSettings(instance_dir=photos, instance_prompt="a photo of sks", model="tiny",
+                              quiet=True, steps=4, checkpoint_every=1, keep=2, out=tmp_path)
+    db_train(args)
     assert sorted(f.name for f in tmp_path.glob("checkpoint-*")) == ["checkpoint-3",
                                                                      "checkpoint-4"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-4"
@@ -261,22 +259,19 @@ def test_keep_prunes_only_after_the_new_checkpoint_is_complete(photos, tmp_path,
 
     monkeypatch.setattr(torch, "save", dies_saving_checkpoint_6)
     with pytest.raises(KeyboardInterrupt):  # checkpoint-5 saved and 3 pruned; 6 dies half-way
-        db_train(parse([*args[:-4], "--steps", "6", "--keep", "1", "-o", str(tmp_path),
-                        "--resume", "latest"]))
+        db_train(replace(args, steps=6, keep=1, resume="latest"))
     assert sorted(f.name for f in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-5"
 
 
 def test_resume_from_the_wrong_checkpoint_says_what_it_holds(photos, tmp_path):
     torch.set_num_threads(1)
-    from train.dreambooth import parse as db_parse
-    from train.textual_inversion import parse as ti_parse
-
-    common = [str(photos), "--model", "tiny", "--steps", "1", "-q"]
-    db_train(db_parse([*common, "--instance-prompt", "a photo of sks", "-o", str(tmp_path / "db")]))
-    ti_train(ti_parse([*common, "--token", "<a>", "-o", str(tmp_path / "ti")]))
-    db = ["train.dreambooth", *common, "--instance-prompt", "a photo of sks", "--steps", "2"]
-    ti = ["train.textual_inversion", *common, "--steps", "2"]
+    given = dict(instance_dir=photos, model="tiny", steps=1, quiet=True)
+    db_train(DreamBoothSettings(**given, instance_prompt="a photo of sks", out=tmp_path / "db"))
+    ti_train(TextualInversionSettings(**given, token="<a>", out=tmp_path / "ti"))
+    common = [str(photos), "--model", "tiny", "--steps", "2", "-q"]
+    db = ["train", "dreambooth", *common, "--instance-prompt", "a photo of sks"]
+    ti = ["train", "textual-inversion", *common]
     refused(cli(*ti, "--token", "<b>", "-o", tmp_path / "ti", "--resume", "latest"),
             "it learned <a>, not '<b>': resume with --token <a>", 2)
     refused(cli(*db, "--train-text-encoder", "-o", tmp_path / "db", "--resume", "latest"),
@@ -287,13 +282,13 @@ def test_resume_from_the_wrong_checkpoint_says_what_it_holds(photos, tmp_path):
     refused(cli(*ti, "--token", "<a>", "-o", tmp_path / "ti", "--resume",
                 tmp_path / "db" / "checkpoint-1"), "but this run trains the token '<a>'", 2)
     with pytest.raises(UsageError, match="not '<b>'"):  # the library says the same
-        ti_train(ti_parse([*common, "--token", "<b>", "-o", str(tmp_path / "ti"), "--resume",
-                           "latest"]))
+        ti_train(TextualInversionSettings(**given, token="<b>", out=tmp_path / "ti",
+                                          resume="latest"))
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(photos, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "train.textual_inversion", str(photos), "--token", "<sks>",
+    argv = [sys.executable, "-m", "train", "textual-inversion", str(photos), "--token", "<sks>",
             "--model", "tiny", "--steps", "100000", "--checkpoint-every", "1", "-q",
             "-o", str(tmp_path)]
     # A shell without job control starts background jobs with SIGINT ignored, and a child
@@ -311,29 +306,9 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(photos, tmp_path)
     latest = tmp_path / (tmp_path / "latest").read_text().strip()
     assert f"the last complete checkpoint is {latest}" in err
     command = err.strip().splitlines()[-1].strip()
-    assert command.startswith("python -m train.textual_inversion ")
+    assert command.startswith("python -m train textual-inversion ")
     assert command.endswith("--resume latest") and "--token '<sks>'" in command
     assert not list(tmp_path.glob("*.tmp")) and (latest / "state.pt").is_file()
-
-
-# ------------------------------------------------------------------------------------ --help
-
-@pytest.mark.parametrize("module", ["sd", "train.dreambooth", "train.textual_inversion",
-                                    "train.null_text"])
-def test_help_answers_before_torch_loads(module):
-    """--help must be instant: torch (over a second to import) is not imported for it."""
-    code = ("import runpy, sys\nsys.argv = ['x', '--help']\ntry:\n"
-            f"    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert e.code == 0\nprint('torch imported:', 'torch' in sys.modules)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("torch imported: False")
-    if module == "sd":
-        assert "(default: out/image.png)" in r.stdout
-    if module == "train.textual_inversion":
-        assert "--concepts" in r.stdout and "no option for learned tokens" not in r.stdout
 
 
 def test_concept_rows_names_both_widths():

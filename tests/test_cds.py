@@ -83,21 +83,21 @@ def test_patch_nce_rewards_the_source_structure():
 
 
 def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
-    r = run_python("-X", "importtime", "-m", "recipes.cds", "--help")
+    r = run_python("-X", "importtime", "-m", "recipes", "cds", "--help")
     assert r.returncode == 0 and "--w-cut" in r.stdout and "0.07" in r.stdout
     assert " torch\n" not in r.stderr  # parsed before torch was imported
-    r = run_python("-m", "recipes.cds", "photo.png", "--source", "a cat")
+    r = run_python("-m", "recipes", "cds", "photo.png", "--source", "a cat")
     assert r.returncode == 2 and "--target" in r.stderr
     out = tmp_path / "edited.png"
-    r = run_python("-m", "recipes.cds", str(tmp_path / "nope.png"), "--source", "a",
+    r = run_python("-m", "recipes", "cds", str(tmp_path / "nope.png"), "--source", "a",
                    "--target", "b", "--model", "tiny", "-o", str(out))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr and not out.exists()  # what this test made, not the tree
     Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
-    r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
+    r = run_python("-m", "recipes", "cds", str(tmp_path / "photo.png"), "--source", "a",
                    "--target", "b", "--model", "tiny", "-o", str(tmp_path / "out.xyz"))
     assert r.returncode == 2 and "extension" in r.stderr and "model:" not in r.stderr
-    r = run_python("-m", "recipes.cds", str(tmp_path / "photo.png"), "--source", "a",
+    r = run_python("-m", "recipes", "cds", str(tmp_path / "photo.png"), "--source", "a",
                    "--target", "b", "-o", str(tmp_path))
     assert r.returncode == 2 and "folder" in r.stderr
 
@@ -105,7 +105,7 @@ def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
 def test_cli_end_to_end_on_tiny(tmp_path):
     photo, out = tmp_path / "photo.png", tmp_path / "out.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(photo)
-    r = run_python("-m", "recipes.cds", str(photo), "--source", "a red circle", "--target",
+    r = run_python("-m", "recipes", "cds", str(photo), "--source", "a red circle", "--target",
                    "a blue circle", "--model", "tiny", "--iterations", "2", "-o", str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (64, 64)
@@ -120,7 +120,7 @@ def test_toy_evaluation_and_picture(pipe, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values())
     assert len(shown) == 1 and [x.shape for x in shown[0]] == [(1, 3, 64, 64)] * 4
     out = tmp_path / "toy.png"
-    r = run_python("-m", "recipes.cds", "--toy", "1", "--model", "tiny", "--iterations", "1",
+    r = run_python("-m", "recipes", "cds", "--toy", "1", "--model", "tiny", "--iterations", "1",
                    "-q", "-o", str(out))
     assert r.returncode == 0 and "background PSNR" in r.stdout, r.stderr
     assert Image.open(out).size == (4 * 256, 256)

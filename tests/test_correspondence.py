@@ -87,10 +87,11 @@ def test_answers_do_not_depend_on_the_batch(pipe):
 
 
 def test_presets_and_overrides():
-    from recipes.correspondence import PRESETS, parse
+    from recipes.__main__ import parse
+    from recipes.settings import CORRESPONDENCE_PRESETS as PRESETS
 
-    assert parse(["--toy", "1"]).settings == PRESETS["paper"]
-    args = parse(["--toy", "1", "--preset", "toy", "--steps", "7"])
+    assert parse(["correspondence", "--toy", "1"]).settings == PRESETS["paper"]
+    args = parse(["correspondence", "--toy", "1", "--preset", "toy", "--steps", "7"])
     assert args.settings == replace(PRESETS["toy"], steps=7) != PRESETS["toy"]
 
 
@@ -112,18 +113,19 @@ def test_pck():
 
 
 def test_cli_help_is_fast_and_errors_are_one_line(tmp_path):
-    r = run_python("-X", "importtime", "-m", "recipes.correspondence", "--help")
+    r = run_python("-X", "importtime", "-m", "recipes", "correspondence", "--help")
     assert r.returncode == 0 and "--inits" in r.stdout and "129" in r.stdout
     assert " torch\n" not in r.stderr  # parsed before torch was imported
-    r = run_python("-m", "recipes.correspondence", "a.png")
+    r = run_python("-m", "recipes", "correspondence", "a.png")
     assert r.returncode == 2 and "--point" in r.stderr
     Image.new("RGB", (80, 64)).save(tmp_path / "a.png")
-    r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"),
+    r = run_python("-m", "recipes", "correspondence", str(tmp_path / "a.png"),
                    str(tmp_path / "nope.png"), "--point", "1", "1", "--model", "tiny")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nope.png" in r.stderr and "Traceback" not in r.stderr
-    r = run_python("-m", "recipes.correspondence", str(tmp_path / "a.png"), str(tmp_path / "a.png"),
-                   "--point", "5", "1", "--model", "tiny")  # x 5 is cropped away (80 -> centre 64)
+    r = run_python("-m", "recipes", "correspondence", str(tmp_path / "a.png"),
+                   str(tmp_path / "a.png"), "--point", "5", "1", "--model",
+                   "tiny")  # x 5 is cropped away (80 -> centre 64)
     assert r.returncode == 2 and "outside" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -131,12 +133,13 @@ def test_cli_end_to_end_on_tiny(tmp_path):
     a, b, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "match.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(a)
     Image.new("RGB", (64, 64), (30, 30, 200)).save(b)
-    r = run_python("-m", "recipes.correspondence", str(a), str(b), "--point", "20", "30", "--model",
-                   "tiny", "--steps", "2", "--inits", "2", "--crops", "5", "-o", str(out), "-q")
+    r = run_python("-m", "recipes", "correspondence", str(a), str(b), "--point", "20", "30",
+                   "--model", "tiny", "--steps", "2", "--inits", "2", "--crops", "5", "-o",
+                   str(out), "-q")
     assert r.returncode == 0, r.stderr
     assert "query (20.0, 30.0) ->" in r.stdout
     assert Image.open(out).size == (3 * 256, 256)  # shown 4x
-    r = run_python("-m", "recipes.correspondence", "--toy", "1", "--model", "tiny", "--steps",
+    r = run_python("-m", "recipes", "correspondence", "--toy", "1", "--model", "tiny", "--steps",
                    "1", "--inits", "1", "--crops", "1", "-o", str(out), "-q")
     if r.returncode == 0:  # the toy world is present
         assert "PCK@0.1: " in r.stdout and "chance 0.0" in r.stdout

@@ -138,9 +138,9 @@ def test_toy_heat_map_evaluation_and_picture(tiny, tmp_path):
 
 
 def test_heatmap_cli_help_is_fast_and_errors_early(tmp_path):
-    r = run_python("-X", "importtime", "-m", "recipes.heatmap", "--help")
+    r = run_python("-X", "importtime", "-m", "recipes", "heatmap", "--help")
     assert r.returncode == 0 and "--threshold" in r.stdout and " torch\n" not in r.stderr
-    r = run_python("-m", "recipes.heatmap", "--toy", "1", "--threshold", "2")
+    r = run_python("-m", "recipes", "heatmap", "--toy", "1", "--threshold", "2")
     assert r.returncode == 2 and "--threshold" in r.stderr.splitlines()[-1]
-    r = run_python("-m", "recipes.heatmap", "--toy", "1", "-o", str(tmp_path))
+    r = run_python("-m", "recipes", "heatmap", "--toy", "1", "-o", str(tmp_path))
     assert r.returncode == 2 and "folder" in r.stderr

@@ -1,4 +1,4 @@
-"""Null-text and negative-prompt inversion (train/null_text.py) on the tiny random model.
+"""Null-text and negative-prompt inversion (sd/inversion.py) on the tiny random model.
 
 A fair test needs a model whose DDIM inversion means something. The random tiny UNet read as v
 is fine: x_0 = sqrt(a) x - sqrt(1-a) v stays O(1). Read as epsilon it is no denoiser: its eps is
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sd import __main__ as sd_cli
 from sd import ddim
+from sd import inversion as nt
 from sd.cli import run
-from sd.config import TINY
+from sd.config import TINY, InversionSettings
 from sd.pipeline import Pipeline
 from sd.weights import Models
-from train import inversion as nt
-from train import null_text
 
 ROOT = Path(__file__).parent.parent
 STEPS = 20  # at 10, v reaches 9x: the inverse step errs 4x more (test_guidance_one_reconstructs)
@@ -76,8 +76,8 @@ def case(request, tiny):
     cond = pipe.encode_prompt(PROMPT)
     x_T = nt.ddim_inversion(pipe, z0, cond, STEPS)[-1]
     plain = pipe(PROMPT, steps=STEPS, guidance=7.5, latents=x_T, output="latent")
-    null = nt.invert(pipe, z0, PROMPT, STEPS)
-    fast = nt.invert(pipe, z0, PROMPT, STEPS, fast=True)
+    null = nt.invert(pipe, z0, PROMPT, InversionSettings(STEPS))
+    fast = nt.invert(pipe, z0, PROMPT, InversionSettings(STEPS, fast=True))
     assert torch.equal(null.x_T, x_T) and torch.equal(fast.x_T, x_T)
     return SimpleNamespace(prediction=request.param, pipe=pipe, z0=z0, plain=mse(plain, z0),
                            null=null, fast=fast)
@@ -214,10 +214,11 @@ def test_fp16_model(tiny, tmp_path):
     for m in (half.text_encoder, half.vae, half.unet):
         m.to("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
     p16, p32, z0 = pipeline(half, "v"), pipeline(tiny, "v"), source_latent()
-    inv = nt.invert(p16, z0, PROMPT, steps=3, num_inner_steps=3)
+    inv = nt.invert(p16, z0, PROMPT, InversionSettings(steps=3, inner_steps=3))
     assert all(u.dtype == torch.float16 and u.isfinite().all() for u in inv.uncond)
     err16 = mse(nt.reconstruct(p16, inv).cpu(), z0)
-    err32 = mse(nt.reconstruct(p32, nt.invert(p32, z0, PROMPT, steps=3, num_inner_steps=3)), z0)
+    inv32 = nt.invert(p32, z0, PROMPT, InversionSettings(steps=3, inner_steps=3))
+    err32 = mse(nt.reconstruct(p32, inv32), z0)
     print(f"\n[fp16 model, 3 steps] reconstruction MSE {err16:.3e} (fp32: {err32:.3e})")
     assert err16 < 1.2 * err32
     nt.save(inv, tmp_path / "half.inv")
@@ -227,7 +228,7 @@ def test_fp16_model(tiny, tmp_path):
 
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "train.null_text", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "sd", "invert", *args], cwd=ROOT, env=env,
                           check=False, capture_output=True, text=True, timeout=300)
 
 
@@ -245,7 +246,7 @@ def test_cli_end_to_end(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     def main(*argv: str) -> int:
-        return run(null_text.main, list(argv))
+        return run(sd_cli.main, ["invert", *argv])
 
     assert main(str(tmp_path / "missing.jpg"), "--prompt", "x", "--model", "tiny") == 2
     assert "missing.jpg: no such file" in capsys.readouterr().err

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from conftest import relative_difference
 
-from photoswap.control import PRESETS, Layers, Settings, Swap, p2p
+from photoswap.settings import PRESETS, Layers, Settings, Swap, p2p
 from photoswap.swap import Pair, run
-from sd.config import TOY
+from sd.config import TOY, InversionSettings
+from sd.inversion import invert
 from sd.pipeline import Pipeline
 from toy import scenes
-from train.inversion import invert
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet").is_dir(),
@@ -265,8 +265,8 @@ def case_inputs(models, name):
         subject = scene.subjects[0]
         ws = [subject.shape]
         from PIL import Image  # noqa: PLC0415
-        inv = invert(pipe, pipe.encode(Image.fromarray(image)), source, steps, GUIDANCE,
-                     num_inner_steps=3)
+        inv = invert(pipe, pipe.encode(Image.fromarray(image)), source,
+                     InversionSettings(steps, GUIDANCE, inner_steps=3))
         x_T, uncond = inv.x_T, inv.uncond
     else:
         x_T = pipe.noise(1, 64, 64, seed=SEEDS.get(name, 3))

@@ -79,8 +79,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
     refused(cli("sd", "a cat", "--model", "tiny", "-o", "/proc/17.png"), "/proc is not writable")
     refused(cli(*SWAP, "-o", tmp_path / "file"), "is a file; give a folder")
     refused(cli(*SWAP, "-o", "/proc/x"), "/proc is not writable")
-    refused(cli("toy.swap", "-o", tmp_path / "file"), "is a file; give a folder")
-    refused(cli("train.null_text", tmp_path / "file", "--prompt", "x", "--model", "tiny", "-o",
+    refused(cli("toy", "swap", "-o", tmp_path / "file"), "is a file; give a folder")
+    refused(cli("sd", "invert", tmp_path / "file", "--prompt", "x", "--model", "tiny", "-o",
                 "/proc/x.inv"), "/proc is not writable")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["file"]
 
@@ -95,12 +95,12 @@ def test_files_that_are_not_what_they_claim(tmp_path, photo):
     big = bomb(tmp_path / "big.png")
     assert big.stat().st_size < 100
     refused(cli(*SWAP, "--image", big), "claims more pixels than this program reads")
-    refused(cli("train.null_text", big, "--prompt", "x", "--model", "tiny"), "claims more pixels")
-    refused(cli("recipes.cds", big, "--source", "a", "--target", "b", "--model", "tiny", "-o",
+    refused(cli("sd", "invert", big, "--prompt", "x", "--model", "tiny"), "claims more pixels")
+    refused(cli("recipes", "cds", big, "--source", "a", "--target", "b", "--model", "tiny", "-o",
                 tmp_path / "out.png"), "claims more pixels")
     cut = tmp_path / "cut.png"
     cut.write_bytes(photo.read_bytes()[:60])
-    refused(cli("train.null_text", cut, "--prompt", "x", "--model", "tiny"), f"{cut}: cannot be")
+    refused(cli("sd", "invert", cut, "--prompt", "x", "--model", "tiny"), f"{cut}: cannot be")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["big.png", "cut.png", "notes.txt"]
 
 
@@ -134,8 +134,7 @@ def test_guidance_is_finite_and_zero_means_zero(tmp_path):
 
 
 def test_the_python_api_refuses_what_the_cli_refuses():
-    from photoswap.control import Settings, Swap
-    from photoswap.swap import settings_for
+    from photoswap.settings import Settings, Swap, settings_for
 
     with pytest.raises(ValueError, match="unknown preset 'banana': give one of paper"):
         settings_for("photoswap", "banana")
@@ -163,7 +162,7 @@ def test_writers_of_one_file_at_once_never_collide(tmp_path):
 
 def test_files_get_the_users_umask_mode(tmp_path, photo):
     expected = 0o666 & ~_umask()
-    r = cli("train.null_text", photo, "--prompt", "x", "--model", "tiny", "--steps", "2",
+    r = cli("sd", "invert", photo, "--prompt", "x", "--model", "tiny", "--steps", "2",
             "--inner-steps", "1", "-q", "-o", tmp_path / "photo.inv")
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)
@@ -193,9 +192,9 @@ def test_a_size_far_beyond_the_model_is_announced(tmp_path):
 
 @pytest.mark.parametrize("command", [
     [*SWAP[:-3], "--steps", "999", "--height", "256", "--width", "256", "-q", "-o", "{tmp}"],
-    ["train.null_text", "{photo}", "--prompt", "x", "--model", "tiny", "--steps", "100",
+    ["sd", "invert", "{photo}", "--prompt", "x", "--model", "tiny", "--steps", "100",
      "--inner-steps", "100000", "-q", "-o", "{tmp}/x.inv"],
-    ["recipes.heatmap", "--toy", "100000", "--model", "tiny", "-q"],
+    ["recipes", "heatmap", "--toy", "100000", "--model", "tiny", "-q"],
 ], ids=["photoswap", "null_text", "heatmap"])
 def test_ctrl_c_is_one_line_and_exit_code_130(command, tmp_path, photo):
     argv = [a.format(tmp=tmp_path, photo=photo) for a in command]
@@ -232,8 +231,8 @@ def test_dreambooth_resumes_refuse_damage_and_other_settings(tmp_path, photo):
     out = tmp_path / "db"
     base = [folder, "--instance-prompt", "a photo of sks dog", "--model", "tiny", "-q",
             "--checkpoint-every", "1", "-o", out]
-    assert cli("train.dreambooth", *base, "--steps", "2").returncode == 0
-    resume = ["train.dreambooth", *base, "--steps", "3", "--resume", "latest"]
+    assert cli("train", "dreambooth", *base, "--steps", "2").returncode == 0
+    resume = ["train", "dreambooth", *base, "--steps", "3", "--resume", "latest"]
     refused(cli(*resume, "--lr", "1e-4"), "--lr 0.0001 (it had", before_loading=False)
     checkpoint = out / "checkpoint-2"
     unet = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
@@ -255,6 +254,6 @@ def test_the_toy_swap_checks_its_model_before_touching_the_cache(tmp_path, tiny_
     cache = tmp_path / "cache"
     (cache / "kept").mkdir(parents=True)
     (cache / "kept" / "recipe.json").write_text("{}")
-    refused(cli("toy.swap", "--weights", tiny_folder, "--cache", cache, "-o", tmp_path / "o"),
+    refused(cli("toy", "swap", "--weights", tiny_folder, "--cache", cache, "-o", tmp_path / "o"),
             "is not a toy model")
     assert [f.name for f in cache.iterdir()] == ["kept"] and not (tmp_path / "o").exists()

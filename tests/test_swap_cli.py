@@ -88,7 +88,7 @@ def test_window_outside_unit_interval(flag):
 
 
 def test_inversion_from_another_model(tmp_path):
-    from train.inversion import Inversion, save
+    from sd.inversion import Inversion, save
 
     inv = Inversion(torch.zeros(1, 4, 8, 8), [torch.zeros(1, 77, 32)] * 3, BASE[0], 3, 7.5,
                     "negative-prompt", 0, 0.01, 1e-5, "sd2.1-base/0123456789abcdef")
@@ -122,9 +122,9 @@ def test_textual_inversion_concept(tmp_path):
 def test_photo_and_saved_inversion_sources(tmp_path):
     """A photo inverted on the fly (fast mode), and the same photo's saved inversion: the source
     branch redraws the photo's inversion; the saved one gives the same pictures."""
-    from sd.config import TINY
+    from sd.config import TINY, InversionSettings
+    from sd.inversion import invert, save
     from sd.pipeline import Pipeline
-    from train.inversion import invert, save
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (90, 70), (200, 40, 40)).save(photo)
@@ -135,7 +135,8 @@ def test_photo_and_saved_inversion_sources(tmp_path):
 
     torch.manual_seed(0)  # the CLI's --seed 0 draws the tiny model's weights the same way
     pipe = Pipeline.load(TINY, None, "cpu", torch.float32)
-    save(invert(pipe, pipe.encode(photo), BASE[0], steps=3, fast=True), tmp_path / "p.inv")
+    inv = invert(pipe, pipe.encode(photo), BASE[0], InversionSettings(steps=3, fast=True))
+    save(inv, tmp_path / "p.inv")
     r = cli(*BASE, "--concept", "sks dog", "--inversion", str(tmp_path / "p.inv"), "-o",
             str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from photoswap.align import refinement, subject_indices
-from photoswap.control import PRESETS, Layers, PhotoSwap, Settings, Swap, active, end, no_swap
+from photoswap.control import PhotoSwap
+from photoswap.settings import PRESETS, Layers, Settings, Swap, active, end, no_swap
 from sd.attention import Control, attention
 from sd.config import TINY
 from sd.pipeline import Pipeline

@@ -4,8 +4,8 @@ contexts per pair, baselines, target prompts, recorders."""
 import pytest
 import torch
 
-from photoswap.control import PRESETS, Layers
-from photoswap.swap import Pair, control, replace_words, run, settings_for, subjects_of
+from photoswap.settings import PRESETS, Layers, settings_for
+from photoswap.swap import Pair, control, replace_words, run, subjects_of
 from photoswap.visual import Recorder, layout_rgb, sweep
 from sd.config import TINY
 from sd.controls import Combined

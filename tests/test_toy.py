@@ -55,7 +55,7 @@ def test_vae_loss_trains():
 
 def test_caption_dropout_means_the_empty_prompt():
     torch.manual_seed(0)
-    model = pretrain.Denoiser(TOY)
+    model = pretrain.Stage2(TOY)
     ids = pretrain.token_ids(["a photo of a red circle on a blue background"] * 2, TOY)
     empty = pretrain.token_ids([""], TOY)
     c = TOY.vae.latent_channels
@@ -166,7 +166,7 @@ def test_export_reads_fit_checkpoints(tmp_path):
     """A run folder with a VAE and a UNet stage checkpointed by fit: export writes the EMA, not
     the live weights, and Pipeline.load reads it."""
     torch.manual_seed(0)
-    vae, model = build(TOY).vae, pretrain.Denoiser(TOY)
+    vae, model = build(TOY).vae, pretrain.Stage2(TOY)
     torch.save(vae.state_dict(), tmp_path / "vae.pt")
     (tmp_path / "vae.json").write_text('{"scaling": 0.9}')
     ema = EMA(model, 0.999)
@@ -197,7 +197,7 @@ def test_the_decoder_stage_leaves_the_encoder_and_export_takes_its_decoder(tmp_p
         frozen = k.startswith(("encoder.", "quant_conv."))
         assert torch.equal(before[k], after[k]) == frozen, k
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
-    model = pretrain.Denoiser(TOY)
+    model = pretrain.Stage2(TOY)
     (tmp_path / "unet").mkdir()
     save(tmp_path / "unet", 1, EMA(model, 0.999).save, {"step": 1})
     pretrain.export(tmp_path, tmp_path / "new")
@@ -233,3 +233,28 @@ def test_rerunning_a_killed_stage_resumes_it(tmp_path):
     assert steps == [3, 4, 5, 6]  # from the checkpoint, not from the start
     assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
     assert (tmp_path / "b" / "latest").read_text().strip() == "checkpoint-7"
+
+
+def test_the_toy_command_line_parses_without_torch_and_refuses_a_missing_stage(tmp_path):
+    """`python -m toy COMMAND`: every command's arguments parse before torch loads (--help is
+    instant); pretraining's later stages say which stage to run first, before writing anything."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+    check = ("import sys; from toy.__main__ import parser; p = parser(); "
+             "[p.parse_args(a) for a in (['pretrain', 'all', '-q'], ['swap', '--scene', '3'], "
+             "['evaluate', '--scenes', '2'], ['identity', '-o', 'x'], "
+             "['judge', '-o', 'x', '-q'])]; "
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "toy", "--help"], cwd=root, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and all(c in r.stdout for c in
+                                     ("pretrain", "swap", "evaluate", "identity", "judge"))
+    r = subprocess.run([sys.executable, "-m", "toy", "pretrain", "export", "--run",
+                        str(tmp_path / "run"), "-o", str(tmp_path / "out")], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: no trained VAE"), r.stderr
+    assert "python -m toy pretrain vae" in r.stderr and not (tmp_path / "out").exists()

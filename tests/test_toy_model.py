@@ -13,10 +13,11 @@ import torch
 from conftest import assert_parity
 from PIL import Image
 
-from sd.config import TOY
+from sd.config import TOY, InversionSettings
+from sd.images import psnr
+from sd.inversion import ddim_inversion, invert, reconstruct
 from sd.pipeline import Pipeline
 from toy import scenes
-from train.inversion import ddim_inversion, invert, psnr, reconstruct
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 # Measured on this machine: dotted-star's identity 0.114 DreamBooth'd against 0.021 untuned over
@@ -57,9 +58,10 @@ def test_null_text_inversion_redraws_a_held_out_scene(pipe):
     truth = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     caption, latent = scenes.caption(scene), pipe.encode(Image.fromarray(image))
     x_T = ddim_inversion(pipe, latent, pipe.encode_prompt(caption), 50, False)[-1]
-    ddim = psnr(pipe.decode(pipe(caption, steps=50, guidance=7.5, latents=x_T, output="latent")),
-                truth)
-    null = psnr(pipe.decode(reconstruct(pipe, invert(pipe, latent, caption, 50, 7.5))), truth)
+    redrawn = pipe(caption, steps=50, guidance=7.5, latents=x_T, output="latent")
+    ddim = psnr(pipe.decode(redrawn), truth).item()
+    inv = invert(pipe, latent, caption, InversionSettings(50, 7.5))
+    null = psnr(pipe.decode(reconstruct(pipe, inv)), truth).item()
     print(f"held-out scene 0 at guidance 7.5: null-text {null:.2f} dB, DDIM inversion {ddim:.2f}")
     assert null >= 28 and null > ddim + 5
 
@@ -69,7 +71,7 @@ def test_dreambooth_teaches_a_concept(pipe, tmp_path):
     from toy.evaluate import contexts, sample_identity  # noqa: PLC0415
 
     name = "dotted-star"
-    tuned = toy.load(toy.concept_model(name, WEIGHTS, root=tmp_path))
+    tuned = toy.toy_pipeline(toy.concept_model(name, WEIGHTS, root=tmp_path))
     m = toy.measure(name, WEIGHTS)
     backgrounds = contexts(name, 6)
     scores = [sample_identity(p, "sks star", backgrounds, m) for p in (tuned, pipe)]

@@ -100,15 +100,16 @@ def toy_swaps():
     import torch  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
+    from sd.config import InversionSettings  # noqa: PLC0415
+    from sd.inversion import invert  # noqa: PLC0415
     from toy import swap as toy  # noqa: PLC0415
-    from train.inversion import invert  # noqa: PLC0415
 
     torch.manual_seed(0)
-    pipe = toy.load(WEIGHTS)
+    pipe = toy.toy_pipeline(WEIGHTS)
     srcs = [toy.source(i) for i in range(4)]
     # Negative-prompt inversion and 20 steps keep this to seconds; the swap is the same code.
-    invs = [invert(pipe, pipe.encode(Image.fromarray(s.image)), s.caption, 20, 7.5, fast=True)
-            for s in srcs]
+    invs = [invert(pipe, pipe.encode(Image.fromarray(s.image)), s.caption,
+                   InversionSettings(20, 7.5, fast=True)) for s in srcs]
     words = ["red heart" if "square" in s.subject else "blue square" for s in srcs]
     images = toy.swaps(pipe, srcs, invs, words, methods=("photoswap", "none"), steps=20)
     s = toy.SETTINGS  # the swap with one part taken out, side by side
@@ -142,11 +143,10 @@ def test_photoswap_keeps_the_background_and_layout_better_than_none(toy_swaps):
 
 
 def test_without_a_toy_model_make_swap_says_what_to_provide(capsys):
-    from toy import evaluate
-    from toy import swap as toy  # noqa: PLC0415
+    from toy.__main__ import main  # noqa: PLC0415
 
-    for main in (toy.main, evaluate.main):
-        assert run(main, ["--weights", "no/such/folder"]) == 2
+    for command in ("swap", "evaluate"):
+        assert run(main, [command, "--weights", "no/such/folder"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: no toy model at no/such/folder") and "\n" not in err
 

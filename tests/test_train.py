@@ -7,14 +7,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from sd.cli import run as run_cli
 from sd.config import TINY
 from sd.pipeline import Pipeline
 from sd.weights import load
-from train import UsageError, dreambooth, embedding, finetune, textual_inversion
+from train import UsageError, dreambooth, textual_inversion
+from train import __main__ as train_cli
 from train.checkpoints import find as find_checkpoint
 from train.checkpoints import load_modules
 from train.dataset import ImageFolder, draw, examples
 from train.loop import Denoiser, Run, denoising_loss, load_pipeline
+from train.settings import DreamBoothSettings, TextualInversionSettings
 
 ROOT = Path(__file__).parent.parent
 
@@ -42,9 +45,10 @@ def instances(tmp_path_factory) -> Path:
     return red_squares(tmp_path_factory.mktemp("instances"))
 
 
-def db_args(instances: Path, out: Path, *extra: str):
-    return dreambooth.parse([str(instances), "--instance-prompt", "a photo of sks square",
-                             "--model", "tiny", "--lr", "1e-4", "-o", str(out), "-q", *extra])
+def db_args(instances: Path, out: Path, **extra) -> DreamBoothSettings:
+    """DreamBooth's settings built in Python: no command line involved."""
+    return DreamBoothSettings(instance_dir=instances, instance_prompt="a photo of sks square",
+                              model="tiny", lr=1e-4, out=out, quiet=True, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +56,8 @@ def trained(instances, tmp_path_factory):
     """50 DreamBooth steps at batch 2 on 4 fixed images (centre crops)."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("db")
-    args = db_args(instances, out, "--steps", "50", "--batch-size", "2", "--center-crop",
-                   "--checkpoint-every", "0")
-    return finetune.train(args), out
+    args = db_args(instances, out, steps=50, batch_size=2, center_crop=True, checkpoint_every=0)
+    return dreambooth.train(args), out
 
 
 # ------------------------------------------------------------------------------------ data
@@ -128,9 +131,9 @@ def test_checkpoint_loads_in_diffusers_and_ours(trained):
 
 def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances, tmp_path,
                                                                         monkeypatch):
-    extra = ["--steps", "6", "--checkpoint-every", "3", "--batch-size", "1", "--grad-accum",
-             "2", "--warmup-steps", "2", "--flip", "--train-text-encoder"]
-    whole = finetune.train(db_args(instances, tmp_path / "whole", *extra))
+    extra = dict(steps=6, checkpoint_every=3, batch_size=1, grad_accum=2, warmup_steps=2,
+                 flip=True, train_text_encoder=True)
+    whole = dreambooth.train(db_args(instances, tmp_path / "whole", **extra))
 
     out = tmp_path / "killed"
     real_save = torch.save
@@ -146,7 +149,7 @@ def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances
 
     monkeypatch.setattr(torch, "save", dies_saving_checkpoint_6)
     with pytest.raises(KeyboardInterrupt):
-        finetune.train(db_args(instances, out, *extra))
+        dreambooth.train(db_args(instances, out, **extra))
     monkeypatch.undo()
     # the save died with unet/ written in checkpoint-6.tmp/; the half-written folder is removed
     assert killed_in == [out / "checkpoint-6.tmp"] and not (out / "checkpoint-6").exists()
@@ -158,7 +161,7 @@ def test_killed_save_keeps_the_previous_checkpoint_and_resume_is_exact(instances
     fresh = load_pipeline("tiny", None, torch.device("cpu"), 0)
     load_modules(folder, unet=fresh.models.unet, text_encoder=fresh.models.text_encoder)
 
-    resumed = finetune.train(db_args(instances, out, *extra, "--resume", "latest"))
+    resumed = dreambooth.train(db_args(instances, out, **extra, resume="latest"))
     assert resumed.losses == whole.losses[3:]
     for name in ("unet", "text_encoder"):
         a = getattr(whole.pipe.models, name).state_dict()
@@ -173,13 +176,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, s: DreamBoothSettings, out: str) -> None:
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    m = finetune.train(dreambooth.parse(argv)).pipe.models
+    m = dreambooth.train(s).pipe.models
     torch.save({"unet": m.unet.state_dict(), "text_encoder": m.text_encoder.state_dict()},
                f"{out}/rank{rank}.pt")
 
@@ -188,17 +191,15 @@ def test_two_process_ddp_matches_one_process(instances, tmp_path):
     """gloo on CPU; 2 ranks x batch 1 vs 1 process x batch 2, prior preservation, text encoder."""
     import torch.multiprocessing as mp
 
-    common = [str(instances), "--instance-prompt", "a photo of sks square", "--model", "tiny",
-              "--lr", "1e-4", "--steps", "2", "--train-text-encoder", "--class-prompt",
-              "a photo of a square", "--class-dir", str(tmp_path / "class"),
-              "--num-class-images", "2", "--checkpoint-every", "0", "-q"]
+    common = dict(steps=2, train_text_encoder=True, class_prompt="a photo of a square",
+                  class_dir=tmp_path / "class", num_class_images=2, checkpoint_every=0)
     red_squares(tmp_path / "class", n=1)  # one class image cached already: generate only one
-    argv = common + ["--batch-size", "1", "-o", str(tmp_path / "ddp")]
-    mp.spawn(_ddp_worker, (2, _free_port(), argv, str(tmp_path)), nprocs=2)
+    s = db_args(instances, tmp_path / "ddp", batch_size=1, **common)
+    mp.spawn(_ddp_worker, (2, _free_port(), s, str(tmp_path)), nprocs=2)
     assert [f.name for f in sorted((tmp_path / "class").iterdir())] == ["0.png", "class-00000.png"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = finetune.train(dreambooth.parse(common + ["--batch-size", "2", "-o",
-                                                         str(tmp_path / "one")])).pipe.models
+    single = dreambooth.train(db_args(instances, tmp_path / "one", batch_size=2,
+                                      **common)).pipe.models
     # Adam divides by sqrt(v): an element whose gradient is ~0 (summation-order noise) moves by up
     # to +-lr either way, so the max abs diff is not a tolerance; the size of the difference
     # relative to the whole update is.
@@ -235,11 +236,11 @@ def test_textual_inversion_learns_only_the_new_row(instances, tmp_path):
     square = before.tokenizer.encode("square")[0]
     a = {k: v.clone() for k, v in before.models.text_encoder.state_dict().items()}
     before.add_concepts({"<sks-square>": a[table][square]})
-    args = textual_inversion.parse([str(instances), "--token", "<sks-square>", "--init-word",
-                                    "square", "--model", "tiny", "--lr", "5e-2", "--steps", "30",
-                                    "--batch-size", "2", "--center-crop", "-o", str(tmp_path),
-                                    "-q", "--checkpoint-every", "0"])
-    result = embedding.train(args)
+    args = TextualInversionSettings(instance_dir=instances, token="<sks-square>",
+                                    init_word="square", model="tiny", lr=5e-2, steps=30,
+                                    batch_size=2, center_crop=True, out=tmp_path, quiet=True,
+                                    checkpoint_every=0)
+    result = textual_inversion.train(args)
     prompt = "a photo of a <sks-square>"
     start, end = fixed_loss(before, prompt, instances), fixed_loss(result.pipe, prompt, instances)
     print(f"textual inversion: loss on 64 fixed draws {start:.5f} -> {end:.5f}; training loss "
@@ -265,16 +266,20 @@ def test_textual_inversion_learns_only_the_new_row(instances, tmp_path):
 # ------------------------------------------------------------------------------------ CLIs
 
 def test_help_and_clear_errors(instances, tmp_path, capsys):
-    for module in (dreambooth, textual_inversion):
+    for command in ("dreambooth", "textual-inversion"):
         with pytest.raises(SystemExit):
-            module.parse(["--help"])
+            train_cli.main([command, "--help"])
         assert "examples:" in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert dreambooth.main([str(empty), "--instance-prompt", "x", "--model", "tiny"]) == 2
+    db = ["dreambooth", "--instance-prompt", "x"]
+    assert run_cli(train_cli.main, [*db, str(empty), "--model", "tiny"]) == 2
     assert f"{empty}: the folder is empty" in capsys.readouterr().err
-    assert dreambooth.main([str(instances), "--instance-prompt", "x", "--model", "sd2.1",
-                            "--weights", str(tmp_path / "nothing")]) == 2
+    assert run_cli(train_cli.main, [*db, str(instances), "--model", "sd2.1", "--weights",
+                                    str(tmp_path / "nothing")]) == 2
     assert "make weights MODEL=sd2.1" in capsys.readouterr().err
-    assert textual_inversion.main([str(instances), "--token", "dog", "--model", "tiny"]) == 2
+    ti = ["textual-inversion", str(instances), "--token", "dog", "--model", "tiny"]
+    assert run_cli(train_cli.main, ti) == 2
     assert '"<my-dog>"' in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--steps: give 1 or more"):  # Python callers too
+        dreambooth.train(db_args(instances, tmp_path / "x", steps=0))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sd import images
 from toy import outside, scenes
 
 
@@ -71,5 +72,4 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clamping and 8-bit
     rounding of `a` as a saved image would have."""
     a = ((a.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(4 / mse)
+    return images.psnr(a, b, peak=2.0)

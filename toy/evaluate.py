@@ -1,9 +1,6 @@
 """The swap benchmark (`make eval-toy`): held-out toy scenes x the concepts, for photoswap, p2p
 and none, scored against ground truth, with the paper's pairwise table; and DreamBooth's
-acceptance. Writes EVAL.md.
-
-    python -m toy.evaluate --weights weights/toy              # 16 scenes x 4 concepts
-    python -m toy.evaluate --weights weights/toy --scenes 4   # quicker
+acceptance. Its command line, `python -m toy evaluate` (toy/__main__.py), writes EVAL.md.
 
 For each concept (DreamBooth'd and cached as `make swap` does, toy/swap.py) and each of the
 first --scenes held-out scenes (a quarter with two subjects; the first subject is
@@ -30,7 +27,6 @@ kind in words ("a photo of a purple star with white dots on ..."); same seeds. T
 free sample is found against its border colours (metrics.border_region).
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -39,18 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from photoswap.swap import METHODS
-from sd import cli
-from sd.config import TOY
-from sd.files import atomic_write
+from photoswap.settings import METHODS
 from sd.images import grid, save_image
 from sd.pipeline import Pipeline
 from toy import concepts, identity, metrics, scenes
 from toy import swap as toyswap
+from toy.settings import CONTEXT_SEED, CONTEXTS
 
 PSNR_CAP = 60.0  # dB; 8-bit images equal but for one pixel in a million are ~108 dB
 IDENTITY_TIE, PSNR_TIE = 0.02, 0.5  # the pairwise table's tie bands (cosine, dB)
-CONTEXTS, CONTEXT_SEED = 24, 4 * 10**9
 ROWS = (*METHODS, "paper", "reconstruction", "photo")
 NAMES = {"photoswap": "`photoswap` (toy preset: phi 0.8, M 0, A 1.0)",
          "paper": "`photoswap` with the paper's windows (phi 0.2, M 0.5, A 0.4)",
@@ -59,10 +52,10 @@ NAMES = {"photoswap": "`photoswap` (toy preset: phi 0.8, M 0, A 1.0)",
 KEYS = ("background_psnr", "layout_iou", "identity", "colour", "texture")
 
 
-def contexts(name: str, count: int = CONTEXTS) -> list[str]:
+def contexts(name: str, count: int = CONTEXTS, seed: int = CONTEXT_SEED) -> list[str]:
     """`count` backgrounds in the caption's words, away from the concept's paints."""
     base = concepts.CONCEPTS[name][1]
-    rng = np.random.default_rng([CONTEXT_SEED, sorted(concepts.CONCEPTS).index(name)])
+    rng = np.random.default_rng([seed, sorted(concepts.CONCEPTS).index(name)])
     out = []
     for _ in range(count):
         bg, pattern, second = scenes.ground(rng, (base.colour, base.second, base.outline))
@@ -113,13 +106,13 @@ def evaluate(weights: Path, count: int, names: list[str], cache: Path, pictures:
              progress: bool = True) -> dict:
     """{"swaps": {method: {concept: [scores per scene]}}, "dreambooth": {concept: {...}}}; the
     outputs go to pictures/<concept>.png, a row per scene: photo, source branch, the methods."""
-    base = toyswap.load(weights)
+    base = toyswap.toy_pipeline(weights)
     srcs = [toyswap.source(i) for i in range(count)]
     result: dict = {"swaps": {m: {} for m in ROWS}, "dreambooth": {}}
     for name in names:
         started = time.time()
         model = toyswap.concept_model(name, weights, cache, quiet=not progress)
-        pipe = toyswap.load(model)
+        pipe = toyswap.toy_pipeline(model)
         m = toyswap.measure(name, weights)
         invs = [toyswap.invert_source(pipe, s) for s in srcs]
         words = [toyswap.target_prompt(s, name)[1] for s in srcs]
@@ -193,45 +186,7 @@ def table(result: dict, command: str, weights: Path, count: int, seconds: float)
         lines.append(f"| {name} | {d['tuned']:.3f} | {d['untuned']:.3f} | "
                      f"{d['class word']:.3f} | {d['in words']:.3f} |")
     name, scene, ident = demo(result)
-    lines += ["", f"`make swap`'s default (toy/swap.py DEMO), by a rule fixed beforehand: the "
+    lines += ["", f"`make swap`'s default (toy/settings.py DEMO), by a rule fixed beforehand: the "
               f"median swap by photoswap's identity, {name} into held-out scene {scene} "
               f"(identity {ident:.3f})."]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=Path("weights/toy"), help="the toy model")
-    p.add_argument("--scenes", type=int, default=16, help="held-out scenes per concept (16: "
-                   "scenes 0-15)")
-    p.add_argument("--concepts", nargs="+", choices=sorted(concepts.CONCEPTS),
-                   default=sorted(concepts.CONCEPTS))
-    p.add_argument("--cache", type=Path, default=Path("out/toy/concepts"))
-    p.add_argument("-o", "--out", type=Path, default=Path("EVAL.md"))
-    p.add_argument("--pictures", type=Path, default=Path("out/eval"),
-                   help="where each concept's outputs (a grid) and results.json go (out/eval)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    cli.add_threads(p)
-    args = p.parse_args(argv)
-    if args.scenes < 1:
-        raise cli.UsageError("--scenes: give 1 or more")
-    cli.writable(args.out)
-    cli.writable(args.pictures, "--pictures", folder=True)
-    toyswap.check_model(args.weights)
-    cli.threads(args.threads, TOY)
-    started = time.time()
-    result = evaluate(args.weights, args.scenes, args.concepts, args.cache, args.pictures,
-                      not args.quiet)
-    command = "python -m toy.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(result, command.strip(), args.weights, args.scenes, time.time() - started)
-    with atomic_write(args.out) as tmp:
-        tmp.write_text(text)
-    with atomic_write(args.pictures / "results.json") as tmp:  # per scene and concept
-        tmp.write_text(toyswap.to_json(result))
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

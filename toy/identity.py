@@ -14,10 +14,9 @@ colour cast as the judge's teach it to read decoded images.
 `validate` checks what the score is for: a concept's held-out views must score above lookalikes
 (toy.concepts.lookalike: the same kind in another layout) in at least 90% of pairs.
 
-    python -m toy.identity -o out/toyrun/identity.safetensors   # train (6 CPU minutes), validate
+    python -m toy identity -o out/toyrun/identity.safetensors   # train (6 CPU minutes), validate
 """
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -184,19 +183,3 @@ def load(file: str | Path) -> Encoder:
     encoder = Encoder()
     encoder.load_state_dict(load_file(Path(file)))
     return encoder.eval()
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-o", "--out", type=Path, required=True, help="the encoder (.safetensors)")
-    p.add_argument("--count", type=int, default=2000, help="object pairs")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    print(train(a.out, a.count, a.steps, a.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,10 +7,9 @@ outputs too; its accuracy on held-out scenes is reported next to every adherence
 figure, since a judge's errors bound what it can certify. A two-tone subject's colour is either of
 its two (which half is "first" is not drawn), so it is learnt and read as either.
 
-    python -m toy.judge -o out/toyrun/judge.pt          # train (about 30 CPU minutes), report
+    python -m toy judge -o out/toyrun/judge.pt          # train (about 30 CPU minutes), report
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -165,19 +164,3 @@ def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -
         torch.save(judge.state_dict(), tmp)
     tmp.replace(out)
     return report
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("--count", type=int, default=30000, help="training scenes (30000)")
-    p.add_argument("--steps", type=int, default=10000, help="batches of 64 (10000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    print(train(a.out, a.count, a.steps, a.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -21,10 +21,11 @@ bool [H, W] masks, so they are tested on synthetic arrays (tests/test_toy_swap.p
   world draws subjects inside the frame, so the border is background).
 """
 
-import math
 
 import numpy as np
+import torch
 
+from sd import images
 from toy.scenes import COLOURS
 
 DILATE = 3  # pixels: the anti-aliased edge is 1 px, the toy VAE's blur about 2 more
@@ -47,10 +48,12 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return ~dilate(~mask, radius)
 
 
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of uint8 values (peak 255), any shape; inf when equal."""
-    mse = float(((image.astype(np.float64) - reference.astype(np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+def psnr(image: np.ndarray, reference: np.ndarray, where: np.ndarray | None = None) -> float:
+    """PSNR in dB (sd.images.psnr) of two uint8 [H, W, 3] images, over the pixels where `where`
+    [H, W] is true if given; inf when equal."""
+    chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # noqa: E731
+    mask = None if where is None else torch.from_numpy(where)
+    return images.psnr(chw(image), chw(reference), 255.0, mask).item()
 
 
 def background_psnr(image: np.ndarray, background: np.ndarray, mask: np.ndarray,
@@ -58,7 +61,7 @@ def background_psnr(image: np.ndarray, background: np.ndarray, mask: np.ndarray,
     """PSNR of `image` against `background` outside the dilated `mask`."""
     keep = ~dilate(mask, radius)
     assert keep.any(), "the dilated mask covers the whole image: nothing to compare"
-    return psnr(image[keep], background[keep])
+    return psnr(image, background, keep)
 
 
 def subject_region(image: np.ndarray, background: np.ndarray,

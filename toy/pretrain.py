@@ -1,9 +1,9 @@
 """Pretraining of the toy model (sd.config.TOY) on the toy world: the VAE, then text encoder + UNet.
 
-    python -m toy.pretrain vae     --run out/toyrun         # stage 1 (resumes if interrupted)
-    python -m toy.pretrain decoder --run out/toyrun         # stage 1b: the decoder alone
-    python -m toy.pretrain unet    --run out/toyrun         # stage 2, on stage 1's encoder
-    python -m toy.pretrain export  --run out/toyrun -o weights/toy
+    python -m toy pretrain vae     --run out/toyrun         # stage 1 (resumes if interrupted)
+    python -m toy pretrain decoder --run out/toyrun         # stage 1b: the decoder alone
+    python -m toy pretrain unet    --run out/toyrun         # stage 2, on stage 1's encoder
+    python -m toy pretrain export  --run out/toyrun -o weights/toy
 
 Each stage is (a model, its loss, an evaluation) run by `train.loop.fit`, the trainers' shared
 loop: AdamW with warmup and cosine decay, an EMA for the UNet stage, checkpoints in
@@ -13,7 +13,6 @@ learns, as they are: it may run before or after stage 2. Recipe choices and the 
 behind them: weights/toy/README.md.
 """
 
-import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -71,7 +70,7 @@ def ema_weights(out: Path) -> dict:
     """The EMA weights of a stage's newest checkpoint."""
     if (out / "latest").is_file():
         return load_file(checkpoints.find(out, "latest") / EMA.FILE)
-    raise UsageError(f"no checkpoint in {out}: train it first (python -m toy.pretrain unet)")
+    raise UsageError(f"no checkpoint in {out}: train it first (python -m toy pretrain unet)")
 
 
 # ---------------------------------------------------------------------------------- the VAE
@@ -238,10 +237,10 @@ def train_decoder(run_dir: Path, seed: int, progress: bool) -> VAE:
 
 def need_vae(run_dir: Path) -> None:
     if not ((run_dir / "vae.json").is_file() and (run_dir / "vae.pt").is_file()):
-        raise UsageError(f"no trained VAE in {run_dir}: python -m toy.pretrain vae --run ...")
+        raise UsageError(f"no trained VAE in {run_dir}: python -m toy pretrain vae --run ...")
 
 
-class Denoiser(nn.Module):
+class Stage2(nn.Module):
     """The parts that learn in stage 2, under the names sd.weights.Models uses."""
 
     def __init__(self, cfg: ModelConfig):
@@ -270,7 +269,7 @@ def latent_data(run_dir: Path, vae: VAE, cfg: ModelConfig, count: int, split: st
 
 
 @torch.no_grad()
-def text_gain(model: Denoiser, data: dict, cfg: ModelConfig, ac: torch.Tensor) -> float:
+def text_gain(model: Stage2, data: dict, cfg: ModelConfig, ac: torch.Tensor) -> float:
     """How much the caption lowers the denoising loss on a fixed held-out batch (same latents,
     noise and timesteps with the caption and with the empty prompt): 0 means text is ignored."""
     model.eval()
@@ -285,7 +284,7 @@ def text_gain(model: Denoiser, data: dict, cfg: ModelConfig, ac: torch.Tensor) -
 
 
 @torch.no_grad()
-def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, grid_file: Path) -> dict:
+def adherence(model: Stage2, vae: VAE, cfg: ModelConfig, judge, grid_file: Path) -> dict:
     """The judge's reading of samples of held-out captions (toy.judge.adherence), and a grid
     of the first 48 of them (4 rows of 12) saved to grid_file."""
     model.eval()
@@ -298,7 +297,7 @@ def adherence(model: Denoiser, vae: VAE, cfg: ModelConfig, judge, grid_file: Pat
 
 
 def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = None,
-               folder: str = "unet") -> Denoiser:
+               folder: str = "unet") -> Stage2:
     r = {**UNET_RECIPE, **(recipe or {})}
     need_vae(run_dir)
     s = stage_settings(run_dir / folder, r, seed, progress)  # first: it refuses an old run
@@ -314,11 +313,11 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     empty = token_ids([""], cfg)
     data["empty"], held["empty"] = empty, empty
 
-    def loss(model: Denoiser, g: torch.Generator, micro: int) -> torch.Tensor:
+    def loss(model: Stage2, g: torch.Generator, micro: int) -> torch.Tensor:
         return diffusion_loss(model, latent_batch({**data, "ac": ac},
                               r["batch"], g), g, cfg, r["drop"], r["snr_gamma"])
 
-    def evaluate(model: Denoiser, step: int) -> dict:
+    def evaluate(model: Stage2, step: int) -> dict:
         # The same columns on every row of the log; NaN where the judge did not run.
         row = {"text_gain": text_gain(model, held, cfg, ac), "shape_ok": float("nan"),
                "colour_ok": float("nan"), "texture_ok": float("nan")}
@@ -327,34 +326,8 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
             row.update(adherence(model, vae, cfg, judge, grid_file=s.out / f"grid-{step}.png"))
         return row
 
-    model = Denoiser(cfg)
+    model = Stage2(cfg)
     return stage(s, model, loss, evaluate, EMA(model, r["ema"]))
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["vae", "decoder", "unet", "export", "all"],
-                   help="vae, then decoder (the decoder alone, encoder frozen), then unet (text "
-                   "encoder + UNet), then export; all: each in turn, resuming what is done")
-    p.add_argument("--run", type=Path, default=Path("out/toyrun"), help="checkpoints, logs")
-    p.add_argument("-o", "--out", type=Path, default=Path("weights/toy"), help="export folder")
-    p.add_argument("--seed", type=int, default=0)
-    # One thread: on two shared cores two threads measured 3-5x slower per step (oversubscribed).
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    try:
-        if a.stage in ("vae", "all"):
-            train_vae(a.run, a.seed, not a.no_progress)
-        if a.stage in ("decoder", "all"):
-            train_decoder(a.run, a.seed, not a.no_progress)
-        if a.stage in ("unet", "all"):
-            train_unet(a.run, a.seed, not a.no_progress)
-        if a.stage in ("export", "all"):
-            print(export(a.run, a.out))
-    except UsageError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def export(run_dir: Path, out: Path) -> dict:
@@ -365,7 +338,7 @@ def export(run_dir: Path, out: Path) -> dict:
     vae = VAE(cfg.vae)  # with the fine-tuned decoder where stage 1b ran
     tuned = run_dir / "decoder.pt"
     vae.load_state_dict(torch.load(tuned if tuned.is_file() else run_dir / "vae.pt"))
-    model = Denoiser(cfg)
+    model = Stage2(cfg)
     model.load_state_dict(ema_weights(run_dir / "unet"))
     save_weights(out, cfg, fp16=True, unet=model.unet, vae=vae, text_encoder=model.text_encoder)
     (out / "MODEL").write_text("preset=toy\n")
@@ -379,6 +352,3 @@ def export(run_dir: Path, out: Path) -> dict:
     files = [f for f in out.rglob("*") if f.is_file()]
     return {"folder": str(out), "bytes": sum(f.stat().st_size for f in files)}
 
-
-if __name__ == "__main__":
-    main()

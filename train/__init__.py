@@ -1,5 +1,5 @@
-"""Optimisation on top of the frozen SD 2.1 model in sd/: inversion of real photos and
-personalisation. Each method has its own CLI (`python -m train.null_text ...`)."""
+"""The trainers on top of the SD model in sd/: DreamBooth and textual inversion (train/settings.py
+holds their settings; `python -m train dreambooth|textual-inversion` is their command line), the
+loop they share (train/loop.py), their images (train/dataset.py) and checkpoints."""
 
-
-from sd.cli import UsageError  # noqa: F401 (bad input: one `error:` line, exit code 2)
+from sd.errors import UsageError  # noqa: F401 (bad input: one `error:` line, exit code 2)

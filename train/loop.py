@@ -1,9 +1,9 @@
 """The one training loop, and what it runs on: the (optionally distributed) run, the denoising
 loss, the learning-rate schedule and the optimizer step.
 
-DreamBooth (train/finetune.py) and textual inversion (train/embedding.py) both teach SD a concept
-from a handful of images with the LDM training loss; they differ only in which parameters learn,
-the text paired with each image, and what they export. The toy model's pretraining
+DreamBooth (train/dreambooth.py) and textual inversion (train/textual_inversion.py) both teach
+SD a concept from a handful of images with the LDM training loss; they differ only in which
+parameters learn, the text paired with each image, and what they export. The toy model's pretraining
 (toy/pretrain.py) trains a VAE, then text encoder + UNet, from scratch. `fit` is what they
 share: gradient accumulation, autocast and the fp16 GradScaler, clipping, AdamW with a constant or
 cosine schedule, an optional EMA, checkpoints and resuming, validation images, an evaluation
@@ -11,7 +11,6 @@ callback with its CSV log, and the DDP barriers; each trainer hands it a loss fu
 checkpoint contents.
 """
 
-import argparse
 import copy
 import math
 import os
@@ -31,12 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.config import DTYPES, ModelConfig, preset
+from sd.config import ModelConfig, preset
 from sd.images import grid, save_image
-from sd.pipeline import Pipeline, pick_device
+from sd.pipeline import DTYPES, Pipeline, pick_device
 from sd.weights import WeightsError, resolve
 from train import UsageError, checkpoints
 from train.dataset import Draw
+from train.settings import TrainerSettings
 
 
 @dataclass
@@ -144,7 +144,7 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, par
 
 @dataclass
 class Settings:
-    """How `fit` optimises: the trainers' shared options (train.options.add_arguments)."""
+    """How `fit` optimises: from a trainer's settings (train/settings.py) or given directly."""
 
     out: Path  # checkpoints, validation images and log.csv go here
     steps: int
@@ -173,10 +173,11 @@ class Settings:
         return {name: getattr(self, name) for name in self.TRAJECTORY}
 
     @classmethod
-    def of(cls, args: argparse.Namespace) -> "Settings":
-        """From a trainer's options; those it does not have (the schedule, weight decay) keep
-        their defaults."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    def of(cls, trainer: TrainerSettings) -> "Settings":
+        """From a trainer's settings; what it does not set (the schedule, weight decay) keeps
+        its default."""
+        return cls(**{f.name: getattr(trainer, f.name) for f in fields(cls)
+                      if hasattr(trainer, f.name)})
 
 
 def lr_at(s: Settings, step: int) -> float:
@@ -313,7 +314,7 @@ def resume(run: Run, s: Settings, load: Callable[[Path], None], ema: "EMA | None
     return first, seconds
 
 
-def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
+def begin(args: TrainerSettings) -> tuple[Run, ModelConfig, int]:
     """A trainer's start, before anything loads: the run (--device checked), the preset (absent
     weights: how to download them), and the side of the training images."""
     run = start(args.device, args.quiet)
@@ -324,7 +325,7 @@ def begin(args: argparse.Namespace) -> tuple[Run, ModelConfig, int]:
     return run, cfg, side
 
 
-def load(args: argparse.Namespace, run: Run, cfg: ModelConfig) -> Pipeline:
+def trainer_pipeline(args: TrainerSettings, run: Run, cfg: ModelConfig) -> Pipeline:
     """load_pipeline for a trainer, announced with a `model:` line as every CLI does."""
     run.say(f"model: {cfg.name} ({cfg.schedule.prediction}) on {run.device}, fp32 weights")
     return load_pipeline(args.model, args.weights, run.device, args.seed)

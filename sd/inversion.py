@@ -6,9 +6,7 @@ DDIM-invert the photo's latent with the source prompt at guidance 1, then walk d
 optimise each step's unconditional ("null") embedding so the guided DDIM step lands back on the
 inversion trajectory. The fast mode is negative-prompt inversion (Miyake et al. 2023,
 arXiv:2305.16807): the prompt's own embedding as the unconditional one, no optimisation.
-The command line is train/null_text.py:
-
-    python -m train.null_text photo.jpg --prompt "a photo of a cat" -o cat.inv
+The command line: python -m sd invert photo.jpg --prompt "a photo of a cat" -o cat.inv
 """
 
 import hashlib
@@ -25,10 +23,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sd import ddim
+from sd.config import MAX_INVERSION_STEPS, InversionSettings
 from sd.files import atomic_write
 from sd.pipeline import Pipeline
 
-MAX_STEPS = 100  # null-text inversion's lr * (1 - i/100) (the notebook's) is negative past it
 FORMAT = "sd21-inversion/1"  # safetensors metadata "format": what the file holds, and its version
 
 
@@ -115,7 +113,7 @@ def null_text_inversion(pipe: Pipeline, trajectory: list[torch.Tensor], cond: to
       invariant; a power of two changes no bit in fp32.
     """
     steps, s, unet, dtype = len(trajectory) - 1, pipe.cfg.schedule, pipe.models.unet, pipe.dtype
-    if steps > MAX_STEPS:
+    if steps > MAX_INVERSION_STEPS:
         raise ValueError(f"{steps} steps: the learning rate lr * (1 - i/100) is < 0 past 100")
     for m in (pipe.models.text_encoder, pipe.models.vae, unet):
         m.requires_grad_(False)
@@ -151,31 +149,25 @@ def null_text_inversion(pipe: Pipeline, trajectory: list[torch.Tensor], cond: to
     return out
 
 
-def invert(pipe: Pipeline, latent: torch.Tensor, prompt: str, steps: int = 50,
-           guidance: float = 7.5, fast: bool = False, num_inner_steps: int = 10,
-           lr: float = 1e-2, epsilon: float = 1e-5, progress: bool = False) -> Inversion:
-    """A clean latent (Pipeline.encode) -> its inversion; `fast` for negative-prompt inversion."""
+def invert(pipe: Pipeline, latent: torch.Tensor, prompt: str,
+           s: InversionSettings = InversionSettings(), progress: bool = False) -> Inversion:
+    """A clean latent (Pipeline.encode) -> its inversion; `s.fast` for negative-prompt inversion."""
     cond = pipe.encode_prompt(prompt).to(pipe.dtype)
-    trajectory = ddim_inversion(pipe, latent.to(pipe.device, pipe.dtype), cond, steps, progress)
-    if fast:  # Miyake et al.: the conditional context stands in for the null one at every step
-        uncond, method, num_inner_steps = [cond] * steps, "negative-prompt", 0
+    trajectory = ddim_inversion(pipe, latent.to(pipe.device, pipe.dtype), cond, s.steps, progress)
+    if s.fast:  # Miyake et al.: the conditional context stands in for the null one at every step
+        uncond, method, inner_steps = [cond] * s.steps, "negative-prompt", 0
     else:
-        uncond, method = null_text_inversion(pipe, trajectory, cond, guidance, num_inner_steps,
-                                             lr, epsilon, progress), "null-text"
-    return Inversion(trajectory[-1], uncond, prompt, steps, guidance, method, num_inner_steps, lr,
-                     epsilon, fingerprint(pipe))
+        uncond = null_text_inversion(pipe, trajectory, cond, s.guidance, s.inner_steps, s.lr,
+                                     s.epsilon, progress)
+        method, inner_steps = "null-text", s.inner_steps
+    return Inversion(trajectory[-1], uncond, prompt, s.steps, s.guidance, method, inner_steps,
+                     s.lr, s.epsilon, fingerprint(pipe))
 
 
 def reconstruct(pipe: Pipeline, inv: Inversion, progress: bool = False) -> torch.Tensor:
     """Guided DDIM from the inversion's x_T with its contexts: the photo's latent, approximately."""
     return pipe(inv.prompt, steps=inv.steps, guidance=inv.guidance, latents=inv.x_T,
                 uncond=inv.uncond, output="latent", progress=progress)
-
-
-def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of [0, 1] images (the same number as on 0..255)."""
-    mse = (image.float().cpu() - reference.float().cpu()).pow(2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
 
 
 def save(inv: Inversion, path: str | Path) -> None:
