@@ -47,9 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="without a photo: the source's noise seed "
                    "(also seeds --model tiny's random weights)")
     p.add_argument("--embeds", type=Path, help="a textual-inversion file defining the concept")
-    p.add_argument("--method", choices=METHODS, default="photoswap",
-                   help="p2p: prompt-to-prompt (A and self maps, no phi); none: the target prompt "
-                   "from the same noise")
+    p.add_argument("--method", choices=list(METHODS), default="photoswap",
+                   help="; ".join(f"{name}: {what}" for name, what in METHODS.items()))
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="the swaps' windows, layers and blend: paper (Gu et al. 2023), official "
                    "(the authors' notebook), toy (for the 64 px toy model; photoswap/settings.py)")
@@ -101,6 +100,15 @@ def check(args: argparse.Namespace) -> None:
             if value is not None and not 0 <= value <= 1:
                 raise cli.UsageError(f"{flag} {value} is outside [0, 1]: windows and the blend "
                                      "start are fractions of the steps")
+    if args.method == "masactrl":
+        used = {"--phi": args.phi is not None, "--m": args.m is not None,
+                "--a": args.a is not None, "--blend-start": args.blend_start is not None,
+                "--no-blend": args.no_blend, "--mask": args.mask, "--sweep-phi": args.sweep_phi,
+                "--explicit": args.explicit}
+        given = [flag for flag, on in used.items() if on]
+        if given:
+            raise cli.UsageError(f"{' '.join(given)}: Photoswap's and p2p's settings; masactrl "
+                                 "has its published ones (photoswap/settings.py MasaCtrlSettings)")
     if len(args.concept) != len(args.subject):
         raise cli.UsageError(f"{len(args.subject)} subject word(s) but {len(args.concept)} "
                              "concept(s): give one --concept per --subject word")

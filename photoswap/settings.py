@@ -134,18 +134,38 @@ def no_swap(settings: Settings) -> Settings:
     return Settings(phi=Swap(0.0), m=Swap(0.0), a=Swap(0.0), blend_start=None)
 
 
+@dataclass(frozen=True)
+class MasaCtrlSettings:
+    """MasaCtrl's mutual self-attention (Cao et al. 2023; photoswap/masactrl.py), its published
+    defaults: from step 4 of 50 (STEP = 4) in the decoder's self-attention at its two finest
+    levels (official LAYER = 10 of SD's 16 transformer blocks: up_blocks.2 and .3, levels 1 and
+    0), both CFG halves, no local blend."""
 
-METHODS = ("photoswap", "p2p", "none")
+    start_step: int = 4  # the first step (0-based) that edits
+    layers: Layers = Layers(places=("up",), max_level=1)
 
 
-def method_settings(method: str, base: Settings) -> Settings:
-    """A method's settings from a preset: photoswap is the preset, the baselines derive from it."""
+# How each method is named on the command line, with its source (python -m photoswap --help).
+METHODS = {
+    "photoswap": "Photoswap (Gu et al. 2023): the preset's phi, M and A swaps and local blend",
+    "p2p": "prompt-to-prompt's refine edit (Hertz et al. 2022): A and self maps, no phi",
+    "none": "the target prompt from the same noise, nothing taken from the source",
+    "masactrl": "MasaCtrl (Cao et al. 2023): target queries read the source's self-attention "
+                "keys and values in the decoder from step 4",
+}
+
+
+def method_settings(method: str, base: Settings) -> Settings | MasaCtrlSettings:
+    """A method's settings from a preset: photoswap is the preset, the baselines derive from it;
+    MasaCtrl has its own (the preset's blend does not apply to it)."""
+    if method == "masactrl":
+        return MasaCtrlSettings()
     return {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
 
 
 def settings_for(method: str, preset: str = "paper", phi: float | None = None,
                  m: float | None = None, a: float | None = None,
-                 blend_start: float | None | bool = True) -> Settings:
+                 blend_start: float | None | bool = True) -> Settings | MasaCtrlSettings:
     """The preset, turned into a baseline by `method`, with windows overridden where given;
     blend_start False turns local blend off, True keeps the preset's."""
     if method not in METHODS:
@@ -153,6 +173,11 @@ def settings_for(method: str, preset: str = "paper", phi: float | None = None,
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: give one of {', '.join(PRESETS)}")
     s = method_settings(method, PRESETS[preset])
+    if isinstance(s, MasaCtrlSettings):
+        if any(w is not None for w in (phi, m, a)) or blend_start not in (True, None):
+            raise ValueError("masactrl has no phi, M or A window and no local blend: give "
+                             "those with --method photoswap or p2p")
+        return s
     for name, window in (("phi", phi), ("m", m), ("a", a)):
         if window is not None:
             s = replace(s, **{name: replace(getattr(s, name), window=window)})

@@ -15,7 +15,8 @@ import torch
 
 from photoswap.align import refinement, subject_indices
 from photoswap.control import PhotoSwap
-from photoswap.settings import Settings
+from photoswap.masactrl import MasaCtrl
+from photoswap.settings import MasaCtrlSettings, Settings
 from sd.attention import Control
 from sd.pipeline import Pipeline
 
@@ -46,20 +47,25 @@ def subjects_of(pipe: Pipeline, pairs: list[Pair]) -> list[tuple[list[int], list
              subject_indices(tok, p.target, p.target_words)) for p in pairs]
 
 
-def control(pipe: Pipeline, pairs: list[Pair], settings: Settings, explicit: bool = False,
-            user_mask: torch.Tensor | None = None) -> PhotoSwap:
-    """The swap control for these pairs (token alignment and subject positions from the
-    tokenizer)."""
+def control(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings,
+            explicit: bool = False, user_mask: torch.Tensor | None = None) -> Control:
+    """The swap control for these pairs: MasaCtrl for its settings, else a PhotoSwap (token
+    alignment and subject positions from the tokenizer)."""
+    if isinstance(settings, MasaCtrlSettings):
+        if user_mask is not None:
+            raise ValueError("masactrl takes no user mask (its official variant masks by the "
+                             "subjects' cross-attention, which is not built here)")
+        return MasaCtrl(settings)
     mappers = [refinement(pipe.tokenizer, p.source, p.target) for p in pairs]
     return PhotoSwap(settings, mappers, subjects_of(pipe, pairs), user_mask=user_mask,
                      explicit=explicit)
 
 
 @torch.no_grad()
-def run(pipe: Pipeline, pairs: list[Pair], settings: Settings, steps: int = 50,
+def run(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings, steps: int = 50,
         guidance: float = 7.5, explicit: bool = False, user_mask: torch.Tensor | None = None,
         negative: str = "", ctrl: Control | None = None,
-        progress: bool = False) -> tuple[torch.Tensor, PhotoSwap]:
+        progress: bool = False) -> tuple[torch.Tensor, Control]:
     """Sample every pair's source and target together: latents [sources..., targets...]."""
     ctrl = ctrl or control(pipe, pairs, settings, explicit, user_mask)
     x = torch.cat([p.x_T for p in pairs]).to(pipe.device, pipe.dtype)

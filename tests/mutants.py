@@ -38,6 +38,7 @@ def m(name: str, file: str, original: str, replacement: str, *tests: str) -> Mut
 
 MODULES, PIPE, CTRL = "tests/test_modules.py", "tests/test_pipeline.py", "tests/test_controls.py"
 OFFICIAL = "tests/test_official.py::test_swap_equals_the_official_algorithm["
+METHODS = "tests/test_methods.py::test_masactrl_equals_the_official_algorithm["
 MUTANTS = [
     # Seven that the suite once missed.
     m("unet resnet GroupNorm eps 1e-5 -> 1e-6", "sd/unet.py",
@@ -174,6 +175,14 @@ MUTANTS = [
     m("phi window one step short", "photoswap/settings.py",
       '"f*T+1": lambda f, steps: int(f * steps) + 1}', '"f*T+1": lambda f, steps: int(f * steps)}',
       OFFICIAL + "equal length-float64]"),
+    # MasaCtrl and its official algorithm (tests/test_methods.py).
+    m("MasaCtrl starts one step late", "photoswap/masactrl.py",
+      "self.step < s.start_step", "self.step <= s.start_step",
+      METHODS + "prompt-float64]"),
+    m("MasaCtrl skips the decoder's level-1 blocks", "photoswap/settings.py",
+      'layers: Layers = Layers(places=("up",), max_level=1)',
+      'layers: Layers = Layers(places=("up",), max_level=0)',
+      METHODS + "prompt-float64]"),
 ]
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -163,3 +164,21 @@ def test_dreambooth_folder_concept(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "settings.json").read_text())["weights"] == \
         str(tmp_path / "dog")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_other_methods_run_in_both_dtypes(tmp_path, dtype):
+    """--method masactrl on the tiny model (its equality with the official algorithm:
+    tests/test_methods.py), fp32 and fp16, with the heat map recorder beside it."""
+    out = tmp_path / dtype
+    r = cli(*BASE, "--concept", "sks dog", "--method", "masactrl", "--dtype", dtype, "--heatmap",
+            "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "settings.json").read_text())
+    assert record["method"] == "masactrl" and record["settings"]["start_step"] == 4
+    assert np.asarray(Image.open(out / "swap.png")).std() > 1  # a picture, not a constant
+
+
+def test_masactrl_refuses_photoswaps_settings():
+    r = cli(*BASE, "--concept", "sks dog", "--method", "masactrl", "--a", "0.5", "--no-blend")
+    one_line_error(r, "--a --no-blend", "MasaCtrlSettings")

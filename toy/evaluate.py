@@ -47,6 +47,8 @@ IDENTITY_TIE, PSNR_TIE = 0.02, 0.5  # the pairwise table's tie bands (cosine, dB
 ROWS = (*METHODS, "paper", "reconstruction", "photo")
 NAMES = {"photoswap": "`photoswap` (toy preset: phi 0.8, M 0, A 1.0)",
          "paper": "`photoswap` with the paper's windows (phi 0.2, M 0.5, A 0.4)",
+         "masactrl": "`masactrl` (its published settings: from step 4, the decoder's two finest "
+                     "levels)",
          "reconstruction": "source branch (the inversion's reconstruction)",
          "photo": "the source photo itself (unswapped, for scale)"}
 KEYS = ("background_psnr", "layout_iou", "identity", "colour", "texture")
@@ -175,7 +177,7 @@ def table(result: dict, command: str, weights: Path, count: int, seconds: float)
               f"within {PSNR_TIE} dB; overall: the method that wins more of the two):", "",
               "| photoswap against | criterion | better | tied | worse | better or equal |",
               "|---|---|---|---|---|---|"]
-    for other in ("p2p", "none"):
+    for other in (m for m in METHODS if m != "photoswap"):
         for k, (b, t, w) in pairwise(result, other).items():
             lines.append(f"| `{other}` | {k} | {b:.1f}% | {t:.1f}% | {w:.1f}% | {b + t:.1f}% |")
     lines += ["", f"DreamBooth acceptance: mean identity of samples in {CONTEXTS} new contexts "

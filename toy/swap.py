@@ -121,7 +121,7 @@ def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS, guidance: flo
 
 
 def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list[str],
-          methods: tuple[str, ...] = METHODS, steps: int = STEPS, guidance: float = GUIDANCE,
+          methods: tuple[str, ...] = tuple(METHODS), steps: int = STEPS, guidance: float = GUIDANCE,
           base: Settings = SETTINGS) -> dict[str, list[np.ndarray]]:
     """uint8 images per method (and "source", the inversion's reconstruction), one per source,
     source i's subject replaced by words[i] ("sks star"); a method's sources run as one batch.
