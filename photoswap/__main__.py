@@ -100,15 +100,18 @@ def check(args: argparse.Namespace) -> None:
             if value is not None and not 0 <= value <= 1:
                 raise cli.UsageError(f"{flag} {value} is outside [0, 1]: windows and the blend "
                                      "start are fractions of the steps")
-    if args.method == "masactrl":
+    if args.method == "pnp" and (args.image is None or args.fast):
+        raise cli.UsageError("pnp swaps into a photo, which it inverts its own way (DDIM under "
+                             "the empty prompt): give --image, without --fast")
+    if args.method in ("masactrl", "pnp"):
         used = {"--phi": args.phi is not None, "--m": args.m is not None,
                 "--a": args.a is not None, "--blend-start": args.blend_start is not None,
                 "--no-blend": args.no_blend, "--mask": args.mask, "--sweep-phi": args.sweep_phi,
                 "--explicit": args.explicit}
         given = [flag for flag, on in used.items() if on]
         if given:
-            raise cli.UsageError(f"{' '.join(given)}: Photoswap's and p2p's settings; masactrl "
-                                 "has its published ones (photoswap/settings.py MasaCtrlSettings)")
+            raise cli.UsageError(f"{' '.join(given)}: Photoswap's and p2p's settings; "
+                                 f"{args.method} has its published ones (photoswap/settings.py)")
     if len(args.concept) != len(args.subject):
         raise cli.UsageError(f"{len(args.subject)} subject word(s) but {len(args.concept)} "
                              "concept(s): give one --concept per --subject word")

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 from PIL import Image
 
+from photoswap import pnp
 from photoswap.align import subject_indices
 from photoswap.settings import settings_for
 from photoswap.swap import Pair, control, replace_words, run, subjects_of
@@ -119,6 +120,12 @@ def source(args: argparse.Namespace, pipe: Pipeline, target: str):
         guidance = inv.guidance if args.guidance is None else args.guidance
         pair = Pair(args.prompt, target, args.subject, args.concept, inv.x_T, inv.uncond)
         return pair, inv.steps, guidance, None, inv.method
+    if args.method == "pnp":  # its own inversion: DDIM under the empty prompt, replayed
+        photo = to_pil(load_image(args.image, h, w))[0]
+        trajectory = pnp.inversion(pipe, pipe.encode(args.image, h, w), steps)
+        pair = Pair(args.prompt, target, args.subject, args.concept, trajectory[0],
+                    trajectory=trajectory)
+        return pair, steps, guidance, photo, "ddim (pnp)"
     if args.image:
         photo = to_pil(load_image(args.image, h, w))[0]
         inv = invert(pipe, pipe.encode(args.image, h, w), args.prompt,

@@ -145,6 +145,28 @@ class MasaCtrlSettings:
     layers: Layers = Layers(places=("up",), max_level=1)
 
 
+@dataclass(frozen=True)
+class PnPSettings:
+    """Plug-and-Play (Tumanyan et al. 2023; photoswap/pnp.py), its published defaults
+    (MichalGeyer/pnp-diffusers: config_pnp.yaml, pnp_utils.py, preprocess.py). Layers are named
+    by level so that they carry over to other UNets: on SD, level 2 of the decoder is up_blocks.1,
+    and these rules pick exactly the official modules."""
+
+    features: float = 0.8  # pnp_f_t: the residual features while step < int(0.8 T)
+    attention: float = 0.5  # pnp_attn_t: self-attention q and k while step < int(0.5 T)
+    feature_level: int = 2  # the decoder's block at level 2 (SD: up_blocks.1) ...
+    feature_index: int = 1  # ... its second resnet (up_blocks.1.resnets.1: decoder layer 4)
+    # Self-attention of the decoder at levels <= 2 but the first one at level 2 (SD: decoder
+    # layers 4 to 11; up_blocks.1.attentions.0 is left alone).
+    attention_level: int = 2
+    inversion_steps: int = 999  # the DDIM inversion (empty prompt) whose latents the source replays
+
+    def __post_init__(self):
+        for name in ("features", "attention"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PnP's {name} fraction {getattr(self, name)} is outside [0, 1]")
+
+
 # How each method is named on the command line, with its source (python -m photoswap --help).
 METHODS = {
     "photoswap": "Photoswap (Gu et al. 2023): the preset's phi, M and A swaps and local blend",
@@ -152,20 +174,25 @@ METHODS = {
     "none": "the target prompt from the same noise, nothing taken from the source",
     "masactrl": "MasaCtrl (Cao et al. 2023): target queries read the source's self-attention "
                 "keys and values in the decoder from step 4",
+    "pnp": "Plug-and-Play (Tumanyan et al. 2023): the source's decoder features (the first 0.8 "
+           "of the steps) and self-attention q, k (0.5), the source replaying its DDIM inversion",
 }
 
 
-def method_settings(method: str, base: Settings) -> Settings | MasaCtrlSettings:
+def method_settings(method: str, base: Settings) -> Settings | MasaCtrlSettings | PnPSettings:
     """A method's settings from a preset: photoswap is the preset, the baselines derive from it;
-    MasaCtrl has its own (the preset's blend does not apply to it)."""
+    MasaCtrl and PnP have their own (the preset's blend does not apply to them)."""
     if method == "masactrl":
         return MasaCtrlSettings()
+    if method == "pnp":
+        return PnPSettings()
     return {"photoswap": base, "p2p": p2p(base), "none": no_swap(base)}[method]
 
 
 def settings_for(method: str, preset: str = "paper", phi: float | None = None,
                  m: float | None = None, a: float | None = None,
-                 blend_start: float | None | bool = True) -> Settings | MasaCtrlSettings:
+                 blend_start: float | None | bool = True
+                 ) -> Settings | MasaCtrlSettings | PnPSettings:
     """The preset, turned into a baseline by `method`, with windows overridden where given;
     blend_start False turns local blend off, True keeps the preset's."""
     if method not in METHODS:
@@ -173,9 +200,9 @@ def settings_for(method: str, preset: str = "paper", phi: float | None = None,
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: give one of {', '.join(PRESETS)}")
     s = method_settings(method, PRESETS[preset])
-    if isinstance(s, MasaCtrlSettings):
+    if not isinstance(s, Settings):
         if any(w is not None for w in (phi, m, a)) or blend_start not in (True, None):
-            raise ValueError("masactrl has no phi, M or A window and no local blend: give "
+            raise ValueError(f"{method} has no phi, M or A window and no local blend: give "
                              "those with --method photoswap or p2p")
         return s
     for name, window in (("phi", phi), ("m", m), ("a", a)):

@@ -16,7 +16,8 @@ import torch
 from photoswap.align import refinement, subject_indices
 from photoswap.control import PhotoSwap
 from photoswap.masactrl import MasaCtrl
-from photoswap.settings import MasaCtrlSettings, Settings
+from photoswap.pnp import PlugAndPlay
+from photoswap.settings import MasaCtrlSettings, PnPSettings, Settings
 from sd.attention import Control
 from sd.pipeline import Pipeline
 
@@ -29,6 +30,8 @@ class Pair:
     target_words: list[str]  # the concept's words in the target prompt
     x_T: torch.Tensor  # [1, 4, h, w]
     uncond: list[torch.Tensor] | None = None  # one [1, 77, width] context per step (null-text)
+    # PnP: the source's latent at each sampling step (photoswap/pnp.py inversion; x_T first)
+    trajectory: list[torch.Tensor] | None = None
 
 
 def replace_words(prompt: str, words: list[str], concepts: list[str]) -> str:
@@ -47,29 +50,43 @@ def subjects_of(pipe: Pipeline, pairs: list[Pair]) -> list[tuple[list[int], list
              subject_indices(tok, p.target, p.target_words)) for p in pairs]
 
 
-def control(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings,
-            explicit: bool = False, user_mask: torch.Tensor | None = None) -> Control:
-    """The swap control for these pairs: MasaCtrl for its settings, else a PhotoSwap (token
-    alignment and subject positions from the tokenizer)."""
+def control(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings |
+            PnPSettings, explicit: bool = False, user_mask: torch.Tensor | None = None) -> Control:
+    """The swap control for these pairs: MasaCtrl or PnP for their settings, else a PhotoSwap
+    (token alignment and subject positions from the tokenizer)."""
+    if not isinstance(settings, Settings) and user_mask is not None:
+        raise ValueError("a user mask is Photoswap's and p2p's (local blend); MasaCtrl and PnP "
+                         "take none")
     if isinstance(settings, MasaCtrlSettings):
-        if user_mask is not None:
-            raise ValueError("masactrl takes no user mask (its official variant masks by the "
-                             "subjects' cross-attention, which is not built here)")
         return MasaCtrl(settings)
+    if isinstance(settings, PnPSettings):
+        if any(p.trajectory is None for p in pairs):
+            raise ValueError("pnp replays the source's own DDIM inversion: give each pair a "
+                             "trajectory (photoswap.pnp.inversion of the photo's latent)")
+        return PlugAndPlay(settings, [p.trajectory for p in pairs])
     mappers = [refinement(pipe.tokenizer, p.source, p.target) for p in pairs]
     return PhotoSwap(settings, mappers, subjects_of(pipe, pairs), user_mask=user_mask,
                      explicit=explicit)
 
 
 @torch.no_grad()
-def run(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings, steps: int = 50,
+def run(pipe: Pipeline, pairs: list[Pair], settings: Settings | MasaCtrlSettings | PnPSettings,
+        steps: int = 50,
         guidance: float = 7.5, explicit: bool = False, user_mask: torch.Tensor | None = None,
         negative: str = "", ctrl: Control | None = None,
         progress: bool = False) -> tuple[torch.Tensor, Control]:
     """Sample every pair's source and target together: latents [sources..., targets...]."""
     ctrl = ctrl or control(pipe, pairs, settings, explicit, user_mask)
     x = torch.cat([p.x_T for p in pairs]).to(pipe.device, pipe.dtype)
-    cond = pipe.encode_prompt([p.source for p in pairs] + [p.target for p in pairs])
+    # PnP's source is the photo's inversion replayed under the empty prompt (photoswap/pnp.py)
+    sources = ["" if isinstance(settings, PnPSettings) else p.source for p in pairs]
+    if isinstance(settings, PnPSettings):
+        if any(len(p.trajectory) != steps for p in pairs):
+            raise ValueError(f"the PnP trajectories hold {[len(p.trajectory) for p in pairs]} "
+                             f"latents for {steps} steps: invert with the sampling step count")
+        if any(p.uncond is not None for p in pairs):
+            raise ValueError("pnp guides with the plain negative prompt, not null-text contexts")
+    cond = pipe.encode_prompt(sources + [p.target for p in pairs])
     plain = pipe.encode_prompt(negative).to(pipe.dtype)
     if all(p.uncond is None for p in pairs):
         uncond = plain

@@ -9,6 +9,11 @@ computes its output with `attention()`. UNet layers additionally hand their head
 A control may call the fused kernel, compute the explicit map with `attention_map()` and read or
 replace it, or return any other output. With `ctrl=None` the fused kernel runs and nothing else
 happens (training, torch.compile).
+
+The UNet's residual blocks are sites too (kind "resnet"): their residual branch's output, before
+the skip is added, passes through the control's `features`:
+
+    h = ctrl.features(h, site)         # h: [B, C, H, W] -> [B, C, H, W]; the base returns h
 """
 
 import math
@@ -62,7 +67,7 @@ class Site:
     """
 
     name: str
-    kind: str  # "self" or "cross"
+    kind: str  # "self" or "cross" (attention), or "resnet" (a residual block)
     place: str  # "down", "mid" or "up"
     level: int
 
@@ -88,6 +93,10 @@ class Control:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site):
         return attention(q, k, v)
+
+    def features(self, h: torch.Tensor, site: Site) -> torch.Tensor:
+        """A residual block's branch output [B, C, H, W] (site.kind "resnet"): unchanged."""
+        return h
 
 
 class Attention(nn.Module):

@@ -29,12 +29,18 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         if c_in != c_out:
             self.conv_shortcut = nn.Conv2d(c_in, c_out, 1)
+        self.site = None  # the UNet names its resnets (sd.attention.Site, kind "resnet")
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                features=None) -> torch.Tensor:
+        """`features(h)`, if given, reads or replaces the residual branch's output h [B, C, H, W]
+        before the skip is added (the UNet passes its control's `features` here)."""
         h = self.conv1(F.silu(self.norm1(x)))
         if emb is not None:
             h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
+        if features is not None:
+            h = features(h)
         skip = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
         return skip + h
 

@@ -55,6 +55,9 @@ class Combined(Control):
             observer.observe(q, k, v, site)
         return self.parts[0](q, k, v, site)
 
+    def features(self, h, site):
+        return self.parts[0].features(h, site)
+
 
 class StoreMaps(Observer):
     """Records attention maps per step and site while leaving outputs unchanged.

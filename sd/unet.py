@@ -150,14 +150,16 @@ class UNet(nn.Module):
         self.name_sites()
 
     def name_sites(self) -> None:
-        """Name every attention layer after its state-dict prefix, once and for all."""
+        """Name every attention layer and residual block after its state-dict prefix, once and
+        for all."""
         n = len(self.cfg.channels)
         for name, module in self.named_modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, ResBlock)):
                 place = name.split("_")[0]
                 index = n - 1 if place == "mid" else int(name.split(".")[1])
                 level = {"down": index, "mid": n - 1, "up": n - 1 - index}[place]
-                kind = "self" if name.endswith("attn1") else "cross"
+                kind = ("resnet" if isinstance(module, ResBlock) else
+                        "self" if name.endswith("attn1") else "cross")
                 module.site = Site(name, kind, place, level)
 
     @property
@@ -172,7 +174,8 @@ class UNet(nn.Module):
     def layer(self, block: Block, i: int, x: torch.Tensor, emb: torch.Tensor,
               context: torch.Tensor, ctrl: Control | None) -> torch.Tensor:
         """Resnet i of a block, then its transformer i if it has one: where `ctrl` goes in."""
-        x = block.resnets[i](x, emb)
+        resnet = block.resnets[i]
+        x = resnet(x, emb, None if ctrl is None else partial(ctrl.features, site=resnet.site))
         if hasattr(block, "attentions") and i < len(block.attentions):
             x = block.attentions[i](x, context, ctrl)
         return x

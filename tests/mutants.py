@@ -39,6 +39,7 @@ def m(name: str, file: str, original: str, replacement: str, *tests: str) -> Mut
 MODULES, PIPE, CTRL = "tests/test_modules.py", "tests/test_pipeline.py", "tests/test_controls.py"
 OFFICIAL = "tests/test_official.py::test_swap_equals_the_official_algorithm["
 METHODS = "tests/test_methods.py::test_masactrl_equals_the_official_algorithm["
+PNP = "tests/test_methods.py::test_pnp_equals_the_official_algorithm["
 MUTANTS = [
     # Seven that the suite once missed.
     m("unet resnet GroupNorm eps 1e-5 -> 1e-6", "sd/unet.py",
@@ -183,6 +184,12 @@ MUTANTS = [
       'layers: Layers = Layers(places=("up",), max_level=1)',
       'layers: Layers = Layers(places=("up",), max_level=0)',
       METHODS + "prompt-float64]"),
+    m("PnP injects features one step too long", "photoswap/pnp.py",
+      "if self.step >= end(self.settings.features, self.steps)",
+      "if self.step > end(self.settings.features, self.steps)",
+      PNP + "float64]"),
+    m("PnP injects another resnet of the block", "photoswap/settings.py",
+      "feature_index: int = 1", "feature_index: int = 0", PNP + "float64]"),
 ]
 
 

@@ -166,19 +166,26 @@ def test_dreambooth_folder_concept(tmp_path):
         str(tmp_path / "dog")
 
 
+@pytest.mark.parametrize("method", ["masactrl", "pnp"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_other_methods_run_in_both_dtypes(tmp_path, dtype):
-    """--method masactrl on the tiny model (its equality with the official algorithm:
-    tests/test_methods.py), fp32 and fp16, with the heat map recorder beside it."""
-    out = tmp_path / dtype
-    r = cli(*BASE, "--concept", "sks dog", "--method", "masactrl", "--dtype", dtype, "--heatmap",
-            "-o", str(out))
+def test_other_methods_run_in_both_dtypes(tmp_path, dtype, method):
+    """--method masactrl and pnp on the tiny model (their equality with the official
+    algorithms: tests/test_methods.py), fp32 and fp16, with the heat map recorder beside them."""
+    out, photo = tmp_path / dtype, tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(photo)
+    r = cli(*BASE, "--concept", "sks dog", "--method", method, "--dtype", dtype, "--heatmap",
+            "--image", str(photo), "-o", str(out))
     assert r.returncode == 0, r.stderr
     record = json.loads((out / "settings.json").read_text())
-    assert record["method"] == "masactrl" and record["settings"]["start_step"] == 4
+    assert record["method"] == method
+    assert record["settings"] == ({"start_step": 4, "layers": {"places": ["up"], "min_level": 0,
+                                                               "max_level": 1}}
+                                  if method == "masactrl" else record["settings"] | {
+                                      "features": 0.8, "attention": 0.5})
     assert np.asarray(Image.open(out / "swap.png")).std() > 1  # a picture, not a constant
 
 
-def test_masactrl_refuses_photoswaps_settings():
+def test_masactrl_and_pnp_refuse_photoswaps_settings():
     r = cli(*BASE, "--concept", "sks dog", "--method", "masactrl", "--a", "0.5", "--no-blend")
-    one_line_error(r, "--a --no-blend", "MasaCtrlSettings")
+    one_line_error(r, "--a --no-blend", "masactrl has its published ones")
+    one_line_error(cli(*BASE, "--concept", "sks dog", "--method", "pnp"), "give --image")

@@ -49,6 +49,8 @@ NAMES = {"photoswap": "`photoswap` (toy preset: phi 0.8, M 0, A 1.0)",
          "paper": "`photoswap` with the paper's windows (phi 0.2, M 0.5, A 0.4)",
          "masactrl": "`masactrl` (its published settings: from step 4, the decoder's two finest "
                      "levels)",
+         "pnp": "`pnp` (its published settings: features 0.8, q and k 0.5; its own 999-step "
+                "DDIM inversion)",
          "reconstruction": "source branch (the inversion's reconstruction)",
          "photo": "the source photo itself (unswapped, for scale)"}
 KEYS = ("background_psnr", "layout_iou", "identity", "colour", "texture")

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from photoswap.settings import METHODS, PRESETS, Settings, method_settings
+from photoswap import pnp
+from photoswap.settings import METHODS, PRESETS, PnPSettings, Settings, method_settings
 from photoswap.swap import Pair, replace_words, run
 from sd.config import InversionSettings, preset
 from sd.errors import UsageError
@@ -58,9 +59,10 @@ def source(index: int, two: float = TWO) -> Source:
 
 
 def digest(weights: Path) -> str:
-    """sha256 of every file of a model folder (a few MB for the toy model): the cache key."""
+    """sha256 of every file of a model folder but its notes (*.md: the model card changes with
+    its prose), a few MB for the toy model: the cache key."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(weights).rglob("*") if p.is_file()):
+    for f in sorted(p for p in Path(weights).rglob("*") if p.is_file() and p.suffix != ".md"):
         h.update(str(f.relative_to(weights)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -132,7 +134,14 @@ def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list
         pairs.append(Pair(src.caption, target, [src.subject], [w], inv.x_T, inv.uncond))
     out: dict[str, list[np.ndarray]] = {}
     for method in methods:
-        latents, _ = run(pipe, pairs, method_settings(method, base), steps, guidance)
+        settings = method_settings(method, base)
+        batch = pairs
+        if isinstance(settings, PnPSettings):  # PnP replays its own inversion of the photo
+            trajectories = [pnp.inversion(pipe, pipe.encode(Image.fromarray(src.image)), steps)
+                            for src in srcs]
+            batch = [replace(p, x_T=tr[0], uncond=None, trajectory=tr)
+                     for p, tr in zip(pairs, trajectories)]
+        latents, _ = run(pipe, batch, settings, steps, guidance)
         images = [np.asarray(im) for im in to_pil(pipe.decode(latents))]
         out.setdefault("source", images[: len(pairs)])
         out[method] = images[len(pairs) :]
