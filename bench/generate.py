@@ -115,51 +115,8 @@ def generation(cfg, ours, theirs, batch: int, steps: int, repeats: int) -> dict:
 
     log(f"\n== {cfg.name} text-to-image {side} px, batch {batch}, {steps} steps, {DTYPE}")
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        a = run_ours("latent")
-        sync()
-        t_a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        b = run_theirs("latent")
-        sync()
-        t_b = time.perf_counter() - t0
-        diff = (a.float() - b.float()).abs().max().item()
-        log(f"  warm-up (latent output): ours {t_a:.2f} s, theirs {t_b:.2f} s; final latents max "
-            f"abs diff {diff:.3g} (of {b.float().abs().max().item():.3g}; {DTYPE} over {steps} "
-            "steps, random weights)")
-        ours.decode(a)  # warm the VAE decode path too
-        theirs.vae.decode(b / theirs.vae.config.scaling_factor)
-        del a, b
-        sync()
-
-        own = {"a": weight_bytes(ours.models.unet, ours.models.vae, ours.models.text_encoder),
-               "b": weight_bytes(theirs.unet, theirs.vae, theirs.text_encoder)}
-        peaks = {"a": [], "b": []}
-        res = common.Pairwise(threshold=2.0)
-        for i in range(repeats):
-            order = [("a", run_ours), ("b", run_theirs)]
-            if i % 2:
-                order.reverse()
-            got = {}
-            for key, fn in order:
-                gc.collect()
-                cuda = DEVICE.type == "cuda"
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                sync()
-                base = torch.cuda.memory_allocated() if cuda else 0
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                got[key] = time.perf_counter() - t0
-                peak = torch.cuda.max_memory_allocated() - base if cuda else 0
-                peaks[key].append(peak + own[key])
-            res.a.append(got["a"])
-            res.b.append(got["b"])
-            res.others.append(0.0)
-            log(f"    pair {i + 1} ({'ours' if order[0][0] == 'a' else 'theirs'} first): ours "
-                f"{got['a']:.2f} s, theirs {got['b']:.2f} s, ratio {got['a'] / got['b']:.3f}")
+        diff = warm_up(ours, theirs, run_ours, run_theirs, steps)
+        res, peaks = timed_pairs(ours, theirs, run_ours, run_theirs, repeats)
     out = res.summary()
     pred = "v" if cfg.schedule.prediction == "v" else "epsilon"
     dt = str(DTYPE).removeprefix("torch.").replace("float16", "fp16").replace("float32", "fp32")
@@ -169,6 +126,64 @@ def generation(cfg, ours, theirs, batch: int, steps: int, repeats: int) -> dict:
     log(f"  ours {out['ours']:.2f} s, diffusers {out['theirs']:.2f} s, ratio {out['ratio']:.3f}; "
         f"peak {out['peak_ours'] / 2**30:.2f} / {out['peak_theirs'] / 2**30:.2f} GiB")
     return out
+
+
+def warm_up(ours, theirs, run_ours, run_theirs, steps: int) -> float:
+    """One untimed run of each (latent output, then a VAE decode): the final latents' max abs
+    difference."""
+    t0 = time.perf_counter()
+    a = run_ours("latent")
+    sync()
+    t_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = run_theirs("latent")
+    sync()
+    t_b = time.perf_counter() - t0
+    diff = (a.float() - b.float()).abs().max().item()
+    log(f"  warm-up (latent output): ours {t_a:.2f} s, theirs {t_b:.2f} s; final latents max "
+        f"abs diff {diff:.3g} (of {b.float().abs().max().item():.3g}; {DTYPE} over {steps} "
+        "steps, random weights)")
+    ours.decode(a)  # warm the VAE decode path too
+    theirs.vae.decode(b / theirs.vae.config.scaling_factor)
+    del a, b
+    sync()
+    return diff
+
+
+def timed_pairs(ours, theirs, run_ours, run_theirs, repeats: int):
+    """`repeats` pairs of timed runs, alternating which goes first: (Pairwise, peak bytes per
+    side: the weights plus what a run allocates on the GPU)."""
+    import torch
+
+    own = {"a": weight_bytes(ours.models.unet, ours.models.vae, ours.models.text_encoder),
+           "b": weight_bytes(theirs.unet, theirs.vae, theirs.text_encoder)}
+    peaks = {"a": [], "b": []}
+    res = common.Pairwise(threshold=2.0)
+    for i in range(repeats):
+        order = [("a", run_ours), ("b", run_theirs)]
+        if i % 2:
+            order.reverse()
+        got = {}
+        for key, fn in order:
+            gc.collect()
+            cuda = DEVICE.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            got[key] = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+            peaks[key].append(peak + own[key])
+        res.a.append(got["a"])
+        res.b.append(got["b"])
+        res.others.append(0.0)
+        log(f"    pair {i + 1} ({'ours' if order[0][0] == 'a' else 'theirs'} first): ours "
+            f"{got['a']:.2f} s, theirs {got['b']:.2f} s, ratio {got['a'] / got['b']:.3f}")
+    return res, peaks
 
 
 def unet_alone(cfg, ours, theirs, side: int, batch: int, repeats: int) -> dict:
@@ -223,7 +238,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="sd2.1-base,sd2.1")
     p.add_argument("--batches", default="1,2")
@@ -236,8 +251,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(common.ROOT / "BENCHMARKS.md"))
     p.add_argument("--smoke", action="store_true",
                    help="check this script on the CPU: tiny config, fp32, 3 steps, 1 pair")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def measure(cfgs: list, args: argparse.Namespace) -> list[dict]:
+    """The rows: per config, the UNet alone and text-to-image at each batch size."""
+    import torch
+
+    rows = []
+    for cfg in cfgs:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            ours, theirs = build(cfg, tmp)
+            log(f"\n[{cfg.name}: built both pipelines in {time.perf_counter() - t0:.1f} s]")
+            if not args.skip_unet:
+                side = UNET_SIDES.get(cfg.name, cfg.resolution // 8)
+                rows.append(unet_alone(cfg, ours, theirs, side, 2, args.unet_repeats))
+            if not args.skip_generate:
+                for b in (int(v) for v in args.batches.split(",")):
+                    rows.append(generation(cfg, ours, theirs, b, args.steps, args.repeats))
+            del ours, theirs
+            gc.collect()
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     global DEVICE, DTYPE
     import torch
 
@@ -260,26 +301,10 @@ def main(argv=None) -> int:
     else:
         device = f"CPU smoke test, {common.versions()}"
     log(device)
-    rows = []
     cfgs = [common.config(name) for name in args.configs.split(",")]
     if args.smoke:  # both prediction types
         cfgs.append(replace(preset("tiny", "v"), name="tiny-v"))
-    for cfg in cfgs:
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            ours, theirs = build(cfg, tmp)
-            log(f"\n[{cfg.name}: built both pipelines in {time.perf_counter() - t0:.1f} s]")
-            if not args.skip_unet:
-                side = UNET_SIDES.get(cfg.name, cfg.resolution // 8)
-                rows.append(unet_alone(cfg, ours, theirs, side, 2,
-                                       args.unet_repeats))
-            if not args.skip_generate:
-                for b in (int(v) for v in args.batches.split(",")):
-                    rows.append(generation(cfg, ours, theirs, b, args.steps, args.repeats))
-            del ours, theirs
-            gc.collect()
-            if DEVICE.type == "cuda":
-                torch.cuda.empty_cache()
+    rows = measure(cfgs, args)
     elapsed = time.perf_counter() - start
     md = table(rows)
     log("\n" + md + f"\n\n(total {elapsed / 60:.1f} min)")
