@@ -51,8 +51,8 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
 def psnr(image: np.ndarray, reference: np.ndarray, where: np.ndarray | None = None) -> float:
     """PSNR in dB (sd.images.psnr) of two uint8 [H, W, 3] images, over the pixels where `where`
     [H, W] is true if given; inf when equal."""
-    chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # noqa: E731
-    mask = None if where is None else torch.from_numpy(where)
+    chw = lambda a: torch.tensor(a).permute(2, 0, 1)  # noqa: E731 (a copy: inputs may be read-only)
+    mask = None if where is None else torch.tensor(where)
     return images.psnr(chw(image), chw(reference), 255.0, mask).item()
 
 
