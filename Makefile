@@ -67,7 +67,7 @@ swap: toy-weights $(STAMP)  ## Photoswap into out/swap/ (images, grid.png, metri
 	  $(T) $(SWAP_ARGS); fi
 
 EVAL_SCENES ?= 16
-eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~25 CPU min)
+eval-toy: toy-weights $(STAMP)  ## the swap benchmark on the toy model into EVAL.md (~35 CPU min)
 	$(BIN)/python -m toy evaluate --weights "$(SWAP_WEIGHTS)" --scenes $(EVAL_SCENES) $(T)
 
 bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to BENCHMARKS.md
