@@ -35,7 +35,7 @@ def commands(tmp: Path) -> dict[str, list[str]]:
     return {
         "sd": [*py, "sd", "a photo of a red circle on a blue striped background", "--model",
                "toy", "--steps", "30", "-q", "-o", str(tmp / "sd.png")],
-        "dreambooth": [*py, "train.dreambooth", str(photos), "--instance-prompt",
+        "dreambooth": [*py, "train", "dreambooth", str(photos), "--instance-prompt",
                        "a photo of sks dog", "--model", "tiny", "--steps", "20", "-q",
                        "--checkpoint-every", "0", "-o", str(tmp / "db")],
         "heatmap": [*py, "recipes", "heatmap", "--toy", "10", "--weights", "weights/toy", "-q"],

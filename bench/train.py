@@ -4,7 +4,7 @@
     python -m bench.train --cpu      # the CPU part only
     python -m bench.train --gpu      # the GPU part only; exits with "no CUDA" where none is present
 
-Method. The step is train/finetune.py's, with the same functions: a Draw, VAE encode of the
+Method. The step is train/dreambooth.py's, with the same functions: a Draw, VAE encode of the
 batch, noise, UNet (+ text encoder) forward and backward under autocast, gradient clipping and an
 AdamW step on fp32 master weights. Weights are random (the timing does not depend on them),
 images are random tensors (no folder to read). Every case runs in a fresh process, so its peak
