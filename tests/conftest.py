@@ -171,3 +171,20 @@ def hf_tokenizer(vocab_files):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(*vocab_files, pad_token="!", model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def toy_diffusers():
+    """The committed toy model (weights/toy) as diffusers' UNet and transformers' text encoder in
+    fp32, with SD's DDIM scheduler: what the official-algorithm references run on
+    (tests/test_official.py, tests/test_methods.py)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: PLC0415
+    from transformers import CLIPTextModel  # noqa: PLC0415
+
+    weights, kw = ROOT / "weights" / "toy", {"variant": "fp16", "torch_dtype": torch.float32}
+    unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet", **kw).eval()
+    text = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", **kw).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="leading")
+    return unet, text, scheduler

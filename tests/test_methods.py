@@ -77,26 +77,12 @@ class OfficialMasaCtrl:
         return (maps @ v.to(wide)).to(v.dtype)
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: PLC0415
-    from transformers import CLIPTextModel  # noqa: PLC0415
-
-    kw = {"variant": "fp16", "torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(WEIGHTS, subfolder="unet", **kw).eval()
-    text = CLIPTextModel.from_pretrained(WEIGHTS, subfolder="text_encoder", **kw).eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="leading")
-    return unet, text, scheduler
-
-
-def test_the_toy_unet_has_the_blocks_the_reference_counts(loaded):
+def test_the_toy_unet_has_the_blocks_the_reference_counts(toy_diffusers):
     """7 transformer blocks in call order: 2 down, 1 mid, 4 up (up_blocks.1 and .2: levels 1
     and 0); the reference's start layer is the first up one."""
     from diffusers.models.attention_processor import AttnProcessor  # noqa: PLC0415
 
-    unet, calls = loaded[0], []
+    unet, calls = toy_diffusers[0], []
 
     class Log(AttnProcessor):
         def __init__(self, name: str):
@@ -117,10 +103,10 @@ def test_the_toy_unet_has_the_blocks_the_reference_counts(loaded):
 
 
 @torch.no_grad()
-def reference(loaded, pipe: Pipeline, ref, source: str, target: str, x_T, steps: int,
+def reference(toy_diffusers, pipe: Pipeline, ref, source: str, target: str, x_T, steps: int,
               uncond=None) -> torch.Tensor:
     """Guided DDIM in diffusers with the reference controller: latents [source, target]."""
-    unet, text, scheduler = (m.to(pipe.dtype) if i < 2 else m for i, m in enumerate(loaded))
+    unet, text, scheduler = (m.to(pipe.dtype) if i < 2 else m for i, m in enumerate(toy_diffusers))
     unet.set_attn_processor(ref.processor())
     ids = pipe.tokenizer([source, target, ""])
     cond, empty = text(ids[:2]).last_hidden_state, text(ids[2:]).last_hidden_state
@@ -158,10 +144,10 @@ def inputs(pipe: Pipeline, name: str):
 
 
 @pytest.mark.parametrize("name,dtype", RUNS, ids=[f"{n}-{str(d)[6:]}" for n, d in RUNS])
-def test_masactrl_equals_the_official_algorithm(loaded, name, dtype):
+def test_masactrl_equals_the_official_algorithm(toy_diffusers, name, dtype):
     pipe = Pipeline.load(TOY, WEIGHTS, torch.device("cpu"), dtype)
     source, target, steps, x_T, uncond = inputs(pipe, name)
-    expected = reference(loaded, pipe, OfficialMasaCtrl(steps), source, target, x_T, steps,
+    expected = reference(toy_diffusers, pipe, OfficialMasaCtrl(steps), source, target, x_T, steps,
                          uncond)
     pair = Pair(source, target, [], [], x_T, uncond)
     ours, _ = run(pipe, [pair], MasaCtrlSettings(), steps, GUIDANCE)
@@ -174,7 +160,7 @@ def test_masactrl_equals_the_official_algorithm(loaded, name, dtype):
     assert moved > 100 * BOUND  # the control changes the target: the comparison can fail
 
 
-def test_masactrl_control_is_run_by_the_swap(loaded):
+def test_masactrl_control_is_run_by_the_swap(toy_diffusers):
     """`run` builds a MasaCtrl for MasaCtrl's settings (photoswap/swap.py control)."""
     pipe = Pipeline.load(TOY, WEIGHTS, torch.device("cpu"), torch.float32)
     pair = Pair("a photo of a red circle", "a photo of a sks star", [], [],
@@ -267,9 +253,9 @@ def official_inversion(unet, text, scheduler, pipe: Pipeline, latent, steps: int
 
 
 @torch.no_grad()
-def official_pnp(loaded, pipe: Pipeline, latent, target: str, steps: int,
+def official_pnp(toy_diffusers, pipe: Pipeline, latent, target: str, steps: int,
                  inversion_steps: int) -> torch.Tensor:
-    unet, text, scheduler = (m.to(pipe.dtype) if i < 2 else m for i, m in enumerate(loaded))
+    unet, text, scheduler = (m.to(pipe.dtype) if i < 2 else m for i, m in enumerate(toy_diffusers))
     saved = official_inversion(unet, text, scheduler, pipe, latent, inversion_steps)
     ref = OfficialPnP(unet, steps)
     ids = pipe.tokenizer(["", "", target])
@@ -293,7 +279,7 @@ PNP_RUNS = [pytest.param(torch.float32, 100, id="float32"),
 
 
 @pytest.mark.parametrize("dtype,inversion_steps", PNP_RUNS)
-def test_pnp_equals_the_official_algorithm(loaded, dtype, inversion_steps):
+def test_pnp_equals_the_official_algorithm(toy_diffusers, dtype, inversion_steps):
     from PIL import Image  # noqa: PLC0415
 
     from photoswap.pnp import inversion  # noqa: PLC0415
@@ -305,7 +291,7 @@ def test_pnp_equals_the_official_algorithm(loaded, dtype, inversion_steps):
     target = "a photo of a sks star on a " + source.split(" on a ", 1)[1]
     latent = pipe.encode(Image.fromarray(scenes.render(scene)[0]))
     steps, settings = 50, PnPSettings(inversion_steps=inversion_steps)
-    expected = official_pnp(loaded, pipe, latent, target, steps, inversion_steps)
+    expected = official_pnp(toy_diffusers, pipe, latent, target, steps, inversion_steps)
     trajectory = inversion(pipe, latent, steps, settings)
     pair = Pair(source, target, [], [], trajectory[0], trajectory=trajectory)
     ours, _ = run(pipe, [pair], settings, steps, GUIDANCE)

@@ -174,24 +174,10 @@ class OfficialSwap:
         return x[:1] + mask * (x - x[:1])
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: PLC0415
-    from transformers import CLIPTextModel  # noqa: PLC0415
-
-    kw = {"variant": "fp16", "torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(WEIGHTS, subfolder="unet", **kw).eval()
-    text = CLIPTextModel.from_pretrained(WEIGHTS, subfolder="text_encoder", **kw).eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="leading")
-    return unet, text, scheduler
-
-
-def models(loaded, dtype: torch.dtype):
+def models(toy_diffusers, dtype: torch.dtype):
     """The reference's UNet and text encoder and our pipeline, all in `dtype` (the committed
     weights are fp16, so fp32 and fp64 hold the same values)."""
-    unet, text, scheduler = loaded
+    unet, text, scheduler = toy_diffusers
     pipe = Pipeline.load(TOY, WEIGHTS, torch.device("cpu"), dtype)
     return unet.to(dtype), text.to(dtype), scheduler, pipe
 
@@ -294,8 +280,8 @@ CASES["unequal length, 24 steps"] = CASES["unequal length"][:5] + (24, False)
 
 
 @pytest.mark.parametrize("name,dtype", RUNS, ids=[f"{n}-{str(d)[6:]}" for n, d in RUNS])
-def test_swap_equals_the_official_algorithm(loaded, name, dtype):
-    m = models(loaded, dtype)
+def test_swap_equals_the_official_algorithm(toy_diffusers, name, dtype):
+    m = models(toy_diffusers, dtype)
     source, target, ws, wt, settings, steps, x_T, uncond = case_inputs(m, name)
     pipe = m[3]
     ref = OfficialSwap(pipe.tokenizer, source, target, (ws, wt), steps,
