@@ -59,11 +59,12 @@ class TrainerSettings:
     device: str | None = None  # default: cuda if present
     quiet: bool = False  # no progress bars
 
+    PATHS = ("instance_dir", "out", "weights", "class_dir")
+
     def __post_init__(self):  # paths may be given as strings (a JSON recipe, a notebook)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, str) and "Path" in str(f.type):
-                setattr(self, f.name, Path(value))
+        for name in self.PATHS:
+            if isinstance(getattr(self, name, None), str):
+                setattr(self, name, Path(getattr(self, name)))
 
     def problems(self) -> list[str]:
         """What cannot work, one message each, named as the command line names it."""
