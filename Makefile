@@ -27,7 +27,7 @@ mutants: $(STAMP)  ## plant each bug of tests/mutants.py in a copy; every one mu
 run: $(STAMP)  ## text-to-image with the SD 2.1 weights in weights/$(MODEL)
 	$(BIN)/python -m sd "$(PROMPT)" --model $(MODEL) --weights weights/$(MODEL) -o out/sample.png $(T)
 
-weights: $(STAMP)  ## download SD 2.1 weights into weights/$(MODEL) (see weights/README.md)
+weights: $(STAMP)  ## download SD weights (MODEL=sd2.1-base, sd2.1, sd1.5, sd1.4) into weights/$(MODEL)
 	$(BIN)/python weights/fetch.py $(MODEL)
 
 # Photoswap. On the toy model (a folder whose MODEL says preset=toy; weights/toy by default):

@@ -28,6 +28,10 @@ from sd.config import DTYPE_NAMES, PRESETS
 from sd.errors import MissingWeights, UsageError, WeightsError  # noqa: F401 (the CLI layer's)
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
+MODEL_HELP = ("sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; sd1.5, sd1.4: 512 px, "
+              "epsilon, CLIP ViT-L; toy: our 64 px model, committed in weights/toy; tiny, "
+              "sd1.5-tiny: random toy-size weights (2.x, 1.x) for trying the code (default: "
+              "from the weights)")
 
 
 def advice(e: BaseException) -> str:
@@ -38,7 +42,7 @@ def advice(e: BaseException) -> str:
     if e.preset == "toy":
         return (" The toy model is committed in weights/toy of this repository (git checkout "
                 "weights/toy); `make toy` retrains it from scratch (about 2 CPU hours).")
-    return (f"\nDownload them (about 2.6 GB) with:\n    make weights MODEL={e.preset}\nor: python "
+    return (f"\nDownload them (2-3 GB) with:\n    make weights MODEL={e.preset}\nor: python "
             f"weights/fetch.py {e.preset}\nSee weights/README.md for the files, the mirrors and "
             "the licence. To try the code without weights, use --model tiny (random weights).")
 
@@ -81,10 +85,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str | None = No
                       weights_help: str = "diffusers folder or single-file checkpoint") -> None:
     """--model, --weights, --device, --dtype, -q and --threads: how every command that runs a
     model names it and where it runs (open_pipeline below applies them)."""
-    p.add_argument("--model", choices=["auto", *PRESETS], default="auto",
-                   help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; toy: our 64 px "
-                        "model, committed in weights/toy; tiny: random toy-size weights for "
-                        "trying the code (default: from the weights)")
+    p.add_argument("--model", choices=["auto", *PRESETS], default="auto", help=MODEL_HELP)
     p.add_argument("--weights", type=Path, help=f"{weights_help} (default: weights/sd2.1-base, "
                    "or weights/MODEL with --model)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")

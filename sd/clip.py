@@ -1,8 +1,10 @@
-"""The OpenCLIP ViT-H/14 text tower as SD 2.x uses it, with transformers' CLIPTextModel names.
+"""The CLIP text tower as SD uses it, with transformers' CLIPTextModel names.
 
-SD 2.x conditions on the output of the 23rd of OpenCLIP's 24 blocks ("penultimate"), passed
-through the final LayerNorm; the diffusers text encoder stores exactly those 23 blocks.
-Pre-LN blocks, causal mask, no padding mask (so the pad id matters), exact-erf GELU.
+SD 2.x: OpenCLIP ViT-H/14. It conditions on the output of the 23rd of OpenCLIP's 24 blocks
+("penultimate"), passed through the final LayerNorm; the diffusers text encoder stores exactly
+those 23 blocks. SD 1.x: OpenAI CLIP ViT-L/14, all 12 blocks and the final LayerNorm.
+Pre-LN blocks, causal mask, no padding mask (so the pad id matters); exact-erf GELU in ViT-H,
+quick-GELU in OpenAI's ViT-L.
 """
 
 import torch
@@ -29,14 +31,23 @@ class SelfAttention(nn.Module):
         return self.out_proj(rearrange(attention(q, k, v, causal=True), "b h n d -> b n (h d)"))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU, with which ViT-L (SD 1.x) was trained."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}  # TextConfig.activation
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU: ViT-H uses nn.GELU, not quick_gelu
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Layer(nn.Module):
@@ -44,7 +55,7 @@ class Layer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.width, cfg.heads)
         self.layer_norm1 = nn.LayerNorm(cfg.width)
-        self.mlp = MLP(cfg.width, cfg.mlp_width)
+        self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.activation)
         self.layer_norm2 = nn.LayerNorm(cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

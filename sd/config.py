@@ -1,9 +1,11 @@
 """Frozen configs for every SD 2.1 component, with named presets; and the settings of the
 inference-time methods of sd/ (inversion). Torch-free: the command lines read defaults here.
 
-Each preset mirrors the config.json shipped with the official weights (copies of the SD 2.1 ones
-live in tests/data/): text_encoder/config.json, vae/config.json, unet/config.json and
-scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1{,-base}.
+Each preset mirrors the config.json shipped with the official weights (copies live in
+tests/data/): text_encoder/config.json, vae/config.json, unet/config.json and
+scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1{,-base} and
+runwayml/stable-diffusion-v1-5. SD 1.x differs from 2.x only in configuration: TextConfig's
+activation and pad_id, UNetConfig's heads, context_dim and linear_projection.
 """
 
 from dataclasses import dataclass, field, replace
@@ -11,7 +13,8 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True)
 class TextConfig:
-    """OpenCLIP ViT-H/14 text tower as SD 2.x uses it (transformers CLIPTextConfig)."""
+    """OpenCLIP ViT-H/14 text tower as SD 2.x uses it (transformers CLIPTextConfig); SD 1.x's
+    OpenAI CLIP ViT-L/14 is the same network at other sizes, with quick-GELU."""
 
     vocab_size: int = 49408
     width: int = 1024
@@ -19,7 +22,8 @@ class TextConfig:
     heads: int = 16
     mlp_width: int = 4096
     max_len: int = 77
-    pad_id: int = 0  # SD 2.x pads with id 0 ("!"); SD 1.x pads with 49407
+    pad_id: int = 0  # SD 2.x pads with id 0 ("!"); SD 1.x pads with 49407 (end of text)
+    activation: str = "gelu"  # exact GELU; OpenAI CLIP (SD 1.x): "quick_gelu", x*sigmoid(1.702x)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class UNetConfig:
     # path always computes scores and softmax in fp32 and SDPA accumulates in fp32, so both
     # values run the same code; the flag is kept so a config states what upstream states.
     upcast_attention: bool = False
+    # SD 2.x projects the tokens into and out of each transformer with linear layers; SD 1.x
+    # projects the feature map with 1x1 convolutions: the same map, stored as [C, C, 1, 1].
+    linear_projection: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resolution: int = 512  # the image side the model was trained at
+
+    @property
+    def version(self) -> str:
+        """"1.x" or "2.x": the text tower and UNet projections it has (toy and tiny: 2.x)."""
+        return "2.x" if self.unet.linear_projection else "1.x"
 
 
 # stabilityai/stable-diffusion-2-1-base: 512 px, epsilon prediction.
@@ -136,7 +148,25 @@ TOY = ModelConfig(
     resolution=64,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD21_BASE, SD21, TINY, TOY)}
+# runwayml/stable-diffusion-v1-5, 512 px, epsilon: OpenAI CLIP ViT-L/14's text tower, all 12
+# layers (SD 1.x conditions on the last), 8 heads per attention at every level (not 64-wide
+# heads), 1x1-convolution projections, 768-wide context; VAE and schedule as SD 2.1-base.
+SD15 = ModelConfig(
+    name="sd1.5",
+    text=TextConfig(width=768, layers=12, heads=12, mlp_width=3072, pad_id=49407,
+                    activation="quick_gelu"),
+    unet=UNetConfig(heads=(8, 8, 8, 8), context_dim=768, linear_projection=False),
+)
+SD14 = replace(SD15, name="sd1.4")  # CompVis/stable-diffusion-v1-4: the same network
+
+# TINY with SD 1.x's differences, for the CPU tests of the 1.x code paths.
+TINY_SD1 = replace(TINY, name="sd1.5-tiny",
+                   text=replace(TINY.text, pad_id=49407, activation="quick_gelu"),
+                   unet=replace(TINY.unet, heads=(2, 2, 2), linear_projection=False))
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD21_BASE, SD21, SD15, SD14, TINY,
+                                                         TINY_SD1, TOY)}
+RANDOM = ("tiny", "sd1.5-tiny")  # presets that run on random weights when given no --weights
 
 
 def preset(name: str, prediction: str | None = None) -> ModelConfig:

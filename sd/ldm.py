@@ -1,7 +1,9 @@
-"""Layout B, an original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}), renamed
-to diffusers keys as diffusers' convert_original_stable_diffusion script does. It holds
-`model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and `cond_stage_model.model.` (the
-24-block OpenCLIP text tower) keys."""
+"""Layout B, an original LDM checkpoint, renamed to diffusers keys as diffusers'
+convert_original_stable_diffusion script does. It holds `model.diffusion_model.` (UNet) and
+`first_stage_model.` (VAE) keys, and the text encoder under a prefix that names the version:
+SD 2.x (v2-1_{512,768}-ema-pruned) `cond_stage_model.model.`, the 24-block OpenCLIP tower;
+SD 1.x (v1-5-pruned-emaonly, sd-v1-4) `cond_stage_model.transformer.`, a transformers
+CLIPTextModel whose keys are already diffusers' (sd/weights.py tidies its `text_model.`)."""
 
 import re
 from pathlib import Path
@@ -11,8 +13,21 @@ import torch
 from sd.config import ModelConfig
 from sd.errors import WeightsError
 
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "text_encoder": "cond_stage_model.model."}
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
+TEXT = {"2.x": "cond_stage_model.model.", "1.x": "cond_stage_model.transformer."}
+# What each version is and which --model runs it: the message for a file given to another.
+WHAT = {"1.x": "an SD 1.x model (CLIP ViT-L text encoder, context 768): run it with --model "
+               "sd1.5 (or sd1.4)",
+        "2.x": "an SD 2.x model (OpenCLIP ViT-H text encoder, context 1024): run it with --model "
+               "sd2.1-base (512 px, epsilon) or sd2.1 (768 px, v-prediction)",
+        "SDXL": "an SDXL model (two text encoders, context 2048): not supported; this project "
+                "runs SD 1.x and 2.1"}
+
+
+def version(keys) -> str | None:
+    """"1.x", "2.x" or "SDXL" by a single-file checkpoint's text encoder keys; None if neither."""
+    prefixes = {**{p: v for v, p in TEXT.items()}, "conditioner.embedders.": "SDXL"}
+    return next((v for p, v in prefixes.items() if any(k.startswith(p) for k in keys)), None)
 
 
 def _resnet(rest: str) -> str:
@@ -100,22 +115,24 @@ def _text(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
 
 def convert(sd: dict[str, torch.Tensor], cfg: ModelConfig, file: Path) -> dict[str, dict]:
     """Split an original single-file checkpoint into diffusers-named state dicts."""
-    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
-        raise WeightsError(f"{file}: this is an SD 1.x checkpoint (CLIP ViT-L text encoder, "
-                           "cross-attention width 768). This project runs SD 2.1 (OpenCLIP "
-                           "ViT-H, width 1024): use v2-1_512-ema-pruned or v2-1_768-ema-pruned.")
+    found = version(sd)
+    if found is not None and found != cfg.version:
+        raise WeightsError(f"{file}: this is {WHAT[found]}; it was given to {cfg.name}, an SD "
+                           f"{cfg.version} model.")
     # Anything outside the three prefixes is the training schedule (betas, alphas_cumprod, ...)
     # or EMA bookkeeping: recomputed or unused here.
+    prefixes = {**PREFIXES, "text_encoder": TEXT[cfg.version]}
     parts = {name: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-             for name, p in PREFIXES.items()}
+             for name, p in prefixes.items()}
     if not all(parts.values()):
-        missing = [PREFIXES[n] for n, p in parts.items() if not p]
-        raise WeightsError(f"{file}: not an SD 2.1 single-file checkpoint: no keys under "
-                           f"{', '.join(missing)}. Pass a diffusers folder or an original "
-                           "v2-1_*-ema-pruned checkpoint.")
+        missing = [prefixes[n] for n, p in parts.items() if not p]
+        raise WeightsError(f"{file}: not an SD {cfg.version} single-file checkpoint: no keys "
+                           f"under {', '.join(missing)}. Pass a diffusers folder or an original "
+                           "checkpoint (v2-1_*-ema-pruned, v1-5-pruned-emaonly).")
     layers = cfg.unet.layers_per_block
     levels = len(cfg.vae.channels)
+    text = parts["text_encoder"]  # 1.x: transformers' names already
     # the VAE's mid-block attention comes out in the old layout: sd.weights._tidy renames it
     return {"unet": {_unet_key(k, layers): v for k, v in parts["unet"].items()},
             "vae": {_vae_key(k, levels): v for k, v in parts["vae"].items()},
-            "text_encoder": _text(parts["text_encoder"], cfg.text.layers)}
+            "text_encoder": _text(text, cfg.text.layers) if cfg.version == "2.x" else text}

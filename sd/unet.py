@@ -64,22 +64,30 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Transformer2DModel with linear projections (SD 2.x `use_linear_projection`)."""
+    """Transformer2DModel: GroupNorm, projection in, transformer block, projection out, plus
+    the input. The projections are linear on tokens (SD 2.x `use_linear_projection`) or 1x1
+    convolutions on the map (SD 1.x): the same map, applied on either side of the reshape."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int, linear: bool = True):
         super().__init__()
+        self.linear = linear
         self.norm = GroupNorm(groups, dim, eps=1e-6)  # 1e-6 here, 1e-5 in the resnets (LDM)
-        self.proj_in = nn.Linear(dim, dim)
+        self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim)])
-        self.proj_out = nn.Linear(dim, dim)
+        self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 ctrl: Control | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        if self.linear:  # SD 2.x: project the tokens
+            y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        else:  # SD 1.x: project the map
+            y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             y = block(y, context, ctrl)
-        return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+        if self.linear:
+            return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
 
 
 class Block(nn.Module):
@@ -107,7 +115,8 @@ class UNet(nn.Module):
         def attn(level, c, count):
             if not cfg.attention[level]:
                 return None
-            return [SpatialTransformer(c, cfg.heads[level], cfg.context_dim, groups)
+            return [SpatialTransformer(c, cfg.heads[level], cfg.context_dim, groups,
+                                       cfg.linear_projection)
                     for _ in range(count)]
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -130,7 +139,8 @@ class UNet(nn.Module):
             self.down_blocks.append(block)
 
         self.mid_block = Block([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
-                               [SpatialTransformer(ch[-1], cfg.heads[-1], cfg.context_dim, groups)])
+                               [SpatialTransformer(ch[-1], cfg.heads[-1], cfg.context_dim, groups,
+                                                   cfg.linear_projection)])
 
         self.up_blocks = nn.ModuleList()
         c_prev = ch[-1]

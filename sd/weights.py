@@ -1,4 +1,4 @@
-"""Load SD 2.1 weights in both official layouts (train/checkpoints.py saves them).
+"""Load SD 2.1 and SD 1.x weights in both official layouts (train/checkpoints.py saves them).
 
 Layout A, diffusers folders: {unet,vae}/diffusion_pytorch_model[.fp16].safetensors and
 text_encoder/model[.fp16].safetensors. Our parameter names ARE these keys, with three exceptions
@@ -6,8 +6,9 @@ for older files, handled in `_tidy`: a `text_model.` prefix on text keys, a stra
 `text_model.embeddings.position_ids` buffer, and the VAE mid-block attention saved as
 query/key/value/proj_attn with [C, C, 1, 1] conv shapes.
 
-Layout B, one original LDM checkpoint (v2-1_{512,768}-ema-pruned.{safetensors,ckpt}), is renamed
-to layout A by sd/ldm.py. Then both take the same path: read, tidy, check, strict load.
+Layout B, one original LDM checkpoint (v2-1_{512,768}-ema-pruned, v1-5-pruned-emaonly, sd-v1-4;
+.safetensors or .ckpt), is renamed to layout A by sd/ldm.py. Then both take the same path: read,
+tidy, check, strict load.
 """
 
 import json
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from sd import ldm
 from sd.clip import TextEncoder
-from sd.config import PRESETS, ModelConfig, preset
+from sd.config import PRESETS, RANDOM, ModelConfig, preset
 from sd.errors import MissingWeights, WeightsError
 from sd.unet import UNet
 from sd.vae import VAE
@@ -121,10 +122,18 @@ def check(module: nn.Module, sd: dict[str, torch.Tensor], name: str, source) -> 
     if shapes:
         lines.append(f"  {len(shapes)} of another shape: " +
                      few(shapes, lambda k: f"{k} {list(sd[k].shape)} vs {list(want[k])}"))
-    ctx = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-    if name == "unet" and ctx in sd and sd[ctx].shape[1] == 768:
-        lines.append("  This is an SD 1.x UNet (text context 768); this project runs SD 2.1.")
+    found = family(name, {k: tuple(v.shape) for k, v in sd.items()})
+    if found and found != family(name, want):
+        lines.append(f"  This is {ldm.WHAT[found]}.")
     raise WeightsError("\n".join(lines))
+
+
+def family(name: str, shapes: dict[str, tuple]) -> str | None:
+    """The SD version of a text encoder's or UNet's tensor shapes, by its width (None for
+    other widths: tiny and toy models)."""
+    key = {"unet": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+           "text_encoder": "embeddings.token_embedding.weight"}.get(name)
+    return {768: "1.x", 1024: "2.x", 2048: "SDXL"}.get(shapes[key][1]) if key in shapes else None
 
 
 def values(sd: dict[str, torch.Tensor], name: str, source) -> None:
@@ -142,6 +151,8 @@ def values(sd: dict[str, torch.Tensor], name: str, source) -> None:
 def state_dicts(path: str | Path, cfg: ModelConfig, prefer_fp16: bool = False) -> dict[str, dict]:
     """Diffusers-named state dicts of all three components, from either layout."""
     path = Path(path)
+    if (path / "text_encoder_2").is_dir():
+        raise WeightsError(f"{path}: this is {ldm.WHAT['SDXL']}.")
     if path.is_dir():
         return {n: _tidy(n, read(_component(path, n, prefer_fp16))) for n in FILES}
     if not path.exists():
@@ -168,7 +179,7 @@ def build(cfg: ModelConfig, device="cpu", dtype=torch.float32, sds: dict | None 
 
 
 def load(path: str | Path, cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Models:
-    """Load SD 2.1 weights from a diffusers folder or an original single-file checkpoint."""
+    """Load SD weights from a diffusers folder or an original single-file checkpoint."""
     sds = state_dicts(path, cfg, prefer_fp16=dtype == torch.float16)
     return build(cfg, device, dtype, sds, source=path)
 
@@ -186,7 +197,7 @@ def diffusers_config(cfg: ModelConfig, name: str) -> dict:
                                    for a in reversed(u.attention)],
                 "block_out_channels": list(u.channels), "layers_per_block": u.layers_per_block,
                 "attention_head_dim": list(u.heads), "cross_attention_dim": u.context_dim,
-                "norm_num_groups": u.groups, "use_linear_projection": True,
+                "norm_num_groups": u.groups, "use_linear_projection": u.linear_projection,
                 "upcast_attention": u.upcast_attention}
     if name == "vae":
         return {"_class_name": "AutoencoderKL", "in_channels": v.image_channels,
@@ -199,15 +210,16 @@ def diffusers_config(cfg: ModelConfig, name: str) -> dict:
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
             "vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": t.mlp_width,
             "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
-            "max_position_embeddings": t.max_len, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-            "projection_dim": t.width, "torch_dtype": "float32"}
+            "max_position_embeddings": t.max_len, "hidden_act": t.activation,
+            "layer_norm_eps": 1e-5, "projection_dim": t.width, "torch_dtype": "float32"}
 
 
 def detect_preset(path: str | Path) -> tuple[str, str]:
-    """Which SD 2.1 variant a weights path holds, and why we think so.
+    """Which preset a weights path holds, and why we think so.
 
-    Nothing in the tensors says epsilon or v (both variants have identical shapes), so this reads
-    the MODEL file written by weights/fetch.py, a diffusers scheduler config, or the file name.
+    Nothing in the tensors says epsilon or v (SD 2.1's variants have identical shapes), so this
+    reads the MODEL file written by weights/fetch.py, the text encoder's width (SD 1.x), a
+    diffusers scheduler config, or the file name.
     """
     path = Path(path)
     marker = path / "MODEL"
@@ -215,11 +227,18 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
         fields = dict(line.split("=", 1) for line in marker.read_text().split() if "=" in line)
         if fields.get("preset") in PRESETS:
             return fields["preset"], f"{marker} says so"
+    text = path / "text_encoder" / "config.json"  # 1.x before the scheduler: both say epsilon
+    if text.is_file() and json.loads(text.read_text()).get("hidden_size") == 768:
+        return "sd1.5", f"{text} is 768 wide: SD 1.x's CLIP ViT-L (sd1.4 is the same network)"
+    if path.suffix == ".safetensors" and path.is_file() and header_version(path) == "1.x":
+        return "sd1.5", f"{path.name} holds SD 1.x's keys (sd1.4 is the same network)"
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         v = json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction"
         return ("sd2.1" if v else "sd2.1-base"), f"{scheduler} gives its prediction type"
     name = path.name.lower()
+    if re.search(r"v1[-_.]?[45]|sd-?1[-_.]?[45]", name):
+        return "sd1.5", f"the name {path.name!r} says SD 1.4 or 1.5 (the same network)"
     if "768" in name:
         return "sd2.1", f"the name {path.name!r} contains 768"
     if "512" in name or "base" in name:
@@ -228,17 +247,26 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
                           "for the 768 px v-prediction model")
 
 
+def header_version(file: Path) -> str | None:
+    """ldm.version of a .safetensors single file, from its header alone (None if unreadable)."""
+    try:
+        with safe_open(file, "pt") as f:
+            return ldm.version(f.keys())
+    except (SafetensorError, OSError):
+        return None
+
+
 def resolve(model: str, weights: Path | None) -> tuple[ModelConfig, Path | None, str]:
     """The preset, the weights path (default weights/<preset>; tiny: None, random weights) and
     why that preset; "auto" asks detect_preset. A WeightsError says how to download absent ones."""
-    if model == "tiny" and weights is None:
-        return preset("tiny"), None, "random weights"
+    if model in RANDOM and weights is None:
+        return preset(model), None, "random weights"
     name = model if model != "auto" else "sd2.1-base"
     weights = weights or Path("weights") / name
     if name == "toy" and not (weights / "unet").exists():
         raise MissingWeights(f"No toy model at {weights} (its unet/ is missing).", "toy")
     if not weights.exists():
-        raise MissingWeights(f"No SD 2.1 weights at {weights}.", name)
+        raise MissingWeights(f"No {name} weights at {weights}.", name)
     if model == "auto":
         model, why = detect_preset(weights)
         return preset(model), weights, why

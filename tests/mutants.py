@@ -190,6 +190,13 @@ MUTANTS = [
       PNP + "float64]"),
     m("PnP injects another resnet of the block", "photoswap/settings.py",
       "feature_index: int = 1", "feature_index: int = 0", PNP + "float64]"),
+    m("quick-GELU with another constant (SD 1.x text encoder)", "sd/clip.py",
+      "return x * torch.sigmoid(1.702 * x)", "return x * torch.sigmoid(1.6 * x)",
+      "tests/test_sd1.py::test_modules_equal_the_references_in_both_layouts"),
+    m("SD 1.x pads with 0, as SD 2.x does", "sd/config.py",
+      "text=TextConfig(width=768, layers=12, heads=12, mlp_width=3072, pad_id=49407,",
+      "text=TextConfig(width=768, layers=12, heads=12, mlp_width=3072, pad_id=0,",
+      "tests/test_sd1.py::test_50_step_pipeline_equals_diffusers"),
 ]
 
 

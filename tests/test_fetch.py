@@ -43,7 +43,8 @@ def test_help():
     assert "sd2.1-base" in r.stdout and "--single-file" in r.stdout and "RAIL" in r.stdout
 
 
-@pytest.mark.parametrize("args", [[], ["sd1.5"], ["sd2.1", "--fp32", "--single-file"],
+@pytest.mark.parametrize("args", [[], ["sd3"], ["sd1.4", "--single-file"],
+                                  ["sd2.1", "--fp32", "--single-file"],
                                   ["sd2.1", "--repo", "a/b/c"]])
 def test_bad_usage_exits_2(args):
     r = run(*args)

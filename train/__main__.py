@@ -83,9 +83,7 @@ def common(prog: str, description: str, epilog: str, d) -> argparse.ArgumentPars
                    "webp, ...; 3-20 are typical); unreadable files are skipped with a warning, "
                    "images smaller than --resolution are upscaled with a warning")
     p.add_argument("-o", "--out", type=Path, default=d.out, help=f"output folder ({d.out})")
-    p.add_argument("--model", choices=["auto", *PRESETS], default=d.model,
-                   help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; tiny: random "
-                        "toy weights, for trying the code on a CPU (default: from the weights)")
+    p.add_argument("--model", choices=["auto", *PRESETS], default=d.model, help=cli.MODEL_HELP)
     p.add_argument("--weights", type=Path, help="diffusers folder or single-file checkpoint "
                    "(default: weights/sd2.1-base, or weights/MODEL with --model)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps ({d.steps})")

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd import ddim
-from sd.config import ModelConfig, preset
+from sd.config import RANDOM, ModelConfig, preset
 from sd.images import grid, save_image
 from sd.pipeline import DTYPES, Pipeline, pick_device
 from sd.weights import WeightsError, resolve
@@ -332,11 +332,12 @@ def trainer_pipeline(args: TrainerSettings, run: Run, cfg: ModelConfig) -> Pipel
 
 
 def load_pipeline(model: str, weights: Path | None, device: torch.device, seed: int) -> Pipeline:
-    """fp32 master weights; `--model tiny` without --weights: random tiny weights from `seed`."""
-    if model == "tiny" and weights is None:
+    """fp32 master weights; `--model tiny` (or sd1.5-tiny) without --weights: random weights
+    from `seed`."""
+    if model in RANDOM and weights is None:
         with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
             torch.manual_seed(seed)
-            return Pipeline.load(preset("tiny"), None, device, torch.float32)
+            return Pipeline.load(preset(model), None, device, torch.float32)
     cfg, weights, _ = resolve(model, weights)
     return Pipeline.load(cfg, weights, device, torch.float32)
 

