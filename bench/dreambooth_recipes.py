@@ -23,12 +23,13 @@ from toy.settings import CONTEXT_SEED, DREAMBOOTH
 
 SEED = CONTEXT_SEED + 1  # not the benchmark's contexts
 
+PLAIN = {k: v for k, v in DREAMBOOTH.items() if k != "num_class_images"}  # no prior preservation
 GRIDS = {  # name -> {label: recipe (DreamBoothSettings' fields)}
-    "steps-lr": {f"{steps} steps, lr {lr:g}": {**DREAMBOOTH, "steps": steps, "lr": lr}
+    "steps-lr": {f"{steps} steps, lr {lr:g}": {**PLAIN, "steps": steps, "lr": lr}
                  for steps in (150, 300, 600) for lr in (5e-4, 1e-3, 2e-3)},
     # prior preservation (Ruiz et al. eq. 2): 50 images of "a photo of a CLASS" drawn by the
     # base model keep the class word from drifting to the concept
-    "prior": {f"{steps} steps, lr {lr:g}, prior": {**DREAMBOOTH, "steps": steps, "lr": lr,
+    "prior": {f"{steps} steps, lr {lr:g}, prior": {**PLAIN, "steps": steps, "lr": lr,
                                                      "num_class_images": 50}
               for steps, lr in ((300, 1e-3), (600, 1e-3), (600, 2e-3))},
 }
@@ -66,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         words = ev.sample_identity(base, f"{scenes.article(kind)} {kind}", bgs, m)
         for label, recipe in GRIDS[args.grid].items():
             root = args.cache / label.replace(" ", "").replace(",", "-")
-            if "num_class_images" in recipe:  # the class images: one folder per concept
-                recipe = {**recipe, "class_prompt": f"a photo of {scenes.article(word)} {word}",
-                          "class_dir": str(args.cache / f"class-{word}")}
             tuned = toy.toy_pipeline(toy.concept_model(name, args.weights, root, recipe=recipe))
             sks = ev.sample_identity(tuned, f"sks {word}", bgs, m)
             cls = ev.sample_identity(tuned, f"{scenes.article(word)} {word}", bgs, m)

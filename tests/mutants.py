@@ -197,6 +197,9 @@ MUTANTS = [
       "text=TextConfig(width=768, layers=12, heads=12, mlp_width=3072, pad_id=49407,",
       "text=TextConfig(width=768, layers=12, heads=12, mlp_width=3072, pad_id=0,",
       "tests/test_sd1.py::test_50_step_pipeline_equals_diffusers"),
+    m("the toy DreamBooth without prior preservation", "toy/settings.py",
+      '"seed": 0,\n              "num_class_images": 50}', '"seed": 0}',
+      "tests/test_toy_model.py::test_dreambooth_teaches_a_concept"),
 ]
 
 

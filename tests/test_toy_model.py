@@ -20,9 +20,11 @@ from sd.pipeline import Pipeline
 from toy import scenes
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
-# Measured on this machine: dotted-star's identity 0.114 DreamBooth'd against 0.021 untuned over
-# these 6 contexts (EVAL.md has all four concepts over 24).
-DREAMBOOTH_GAIN = 0.05
+# Measured on this machine over these 6 contexts: dotted-star's "sks star" 0.141 DreamBooth'd,
+# 0.021 untuned, and "a star" -0.174 DreamBooth'd (EVAL.md has all four concepts over 24).
+# Without prior preservation the class word drifts to the concept: the same 300 steps at 1e-3
+# give "sks star" 0.208 and "a star" 0.120, the first recipe (150 at 5e-4) 0.114 and 0.147.
+DREAMBOOTH_GAIN, CLASS_GAIN = 0.05, 0.15
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet").is_dir(),
                                 reason="weights/toy has no unet/ (make toy trains it)")
 
@@ -67,6 +69,9 @@ def test_null_text_inversion_redraws_a_held_out_scene(pipe):
 
 
 def test_dreambooth_teaches_a_concept(pipe, tmp_path):
+    """DreamBooth with prior preservation (toy/settings.py DREAMBOOTH) binds the concept to
+    "sks <class>": its samples score above the untuned model's with the same words and above
+    its own with the class word alone (EVAL.md's acceptance table, over 24 contexts)."""
     from toy import swap as toy  # noqa: PLC0415
     from toy.evaluate import contexts, sample_identity  # noqa: PLC0415
 
@@ -74,7 +79,8 @@ def test_dreambooth_teaches_a_concept(pipe, tmp_path):
     tuned = toy.toy_pipeline(toy.concept_model(name, WEIGHTS, root=tmp_path))
     m = toy.measure(name, WEIGHTS)
     backgrounds = contexts(name, 6)
-    scores = [sample_identity(p, "sks star", backgrounds, m) for p in (tuned, pipe)]
-    print(f"identity of 'a photo of sks star on ...' (6 contexts): DreamBooth'd {scores[0]:.3f}, "
-          f"untuned {scores[1]:.3f}")
-    assert scores[0] > scores[1] + DREAMBOOTH_GAIN
+    sks, untuned, cls = (sample_identity(p, words, backgrounds, m) for p, words in
+                         ((tuned, "sks star"), (pipe, "sks star"), (tuned, "a star")))
+    print(f"identity over 6 contexts: 'sks star' DreamBooth'd {sks:.3f}, untuned {untuned:.3f}; "
+          f"'a star' DreamBooth'd {cls:.3f}")
+    assert sks > untuned + DREAMBOOTH_GAIN and sks > cls + CLASS_GAIN

@@ -157,7 +157,8 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
                     "TOY_WEIGHTS to a toy model folder")
     from toy import swap as toy  # noqa: PLC0415
 
-    monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "steps": 1, "batch_size": 1})
+    monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "steps": 1, "batch_size": 1,
+                                                     "num_class_images": 2})
     model = toy.concept_model("notched-ring", WEIGHTS, tmp_path)
     made = (model / "unet").stat().st_mtime_ns
     assert toy.concept_model("notched-ring", WEIGHTS, tmp_path) == model

@@ -76,6 +76,10 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     folder = root / f"{name}-{base[:8]}"
     pictures = hashlib.sha256(b"".join(im.tobytes() for im, _ in concepts.references(name)))
     d = DREAMBOOTH if recipe is None else recipe  # the recipe: DreamBoothSettings' fields
+    if "num_class_images" in d:  # prior preservation: the class images, shared by concepts
+        word = concepts.CONCEPTS[name][0]  # of one class word and base model
+        d = {"class_prompt": f"a photo of {scenes.article(word)} {word}",
+             "class_dir": str(root / f"class-{word}-{base[:8]}"), **d}
     recipe = {"concept": name, "base": base, "references": pictures.hexdigest()[:16], **d}
     stamp = folder / "recipe.json"
     if (folder / "model" / "MODEL").is_file() and stamp.is_file():
