@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= sd2.1-base
 PROMPT ?= a photo of an astronaut riding a horse on mars
 
-.PHONY: test test-all mutants run weights bench toy clean swap toy-weights eval-toy
+.PHONY: test test-all mutants run weights bench toy toy-stages toy-unet clean swap toy-weights eval-toy
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -74,10 +74,27 @@ bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to
 	$(BIN)/python -m bench.modules
 
 TOYRUN ?= out/toyrun
-# torch threads for make toy: 1 where other work shares the cores (weights/toy/README.md)
-TOY_THREADS ?= 2
-toy: $(STAMP) $(TOYRUN)/judge.pt $(TOYRUN)/identity.safetensors  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
-	$(BIN)/python -m toy pretrain all --run $(TOYRUN) -o weights/toy --threads $(TOY_THREADS)
+# make toy runs two jobs at a time, one torch thread each (TOY_JOBS, TOY_THREADS): the stages are
+# too small to share cores well, and the VAE -> UNet chain, the long one, has the other core's
+# jobs (judge, identity encoder, decoder) beside it.
+TOY_JOBS ?= 2
+TOY_THREADS ?= 1
+TOY_ARGS = --run $(TOYRUN) --threads $(TOY_THREADS)
+toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
+	$(MAKE) -j$(TOY_JOBS) toy-stages
+
+# The long chain (VAE, then UNet) first: make starts prerequisites in the order listed.
+toy-stages: toy-unet $(TOYRUN)/judge.pt $(TOYRUN)/decoder.pt $(TOYRUN)/identity.safetensors
+	$(BIN)/python -m toy pretrain export --run $(TOYRUN) -o weights/toy
+
+# Each stage resumes from its last checkpoint; vae.pt and decoder.pt are written when their
+# stage ends; the UNet stage, rerun when done, only reloads its last checkpoint.
+$(TOYRUN)/vae.pt: | $(STAMP)
+	$(BIN)/python -m toy pretrain vae $(TOY_ARGS)
+$(TOYRUN)/decoder.pt: $(TOYRUN)/vae.pt
+	$(BIN)/python -m toy pretrain decoder $(TOY_ARGS)
+toy-unet: $(TOYRUN)/vae.pt
+	$(BIN)/python -m toy pretrain unet $(TOY_ARGS)
 
 # The measuring instruments (their files are their stamps: delete one to retrain it).
 $(TOYRUN)/judge.pt: | $(STAMP)
