@@ -20,10 +20,14 @@ from sd.pipeline import Pipeline
 from toy import scenes
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
-# Measured on this machine over these 6 contexts: dotted-star's "sks star" 0.141 DreamBooth'd,
-# 0.021 untuned, and "a star" -0.174 DreamBooth'd (EVAL.md has all four concepts over 24).
-# Without prior preservation the class word drifts to the concept: the same 300 steps at 1e-3
-# give "sks star" 0.208 and "a star" 0.120, the first recipe (150 at 5e-4) 0.114 and 0.147.
+# DreamBooth amplifies rounding: its samples' identity moves by up to 0.19 between CPU kernels
+# (ATEN_CPU_CAPABILITY default vs AVX-512 here). So the test takes striped-heart, the concept
+# EVAL.md finds DreamBooth teaching most clearly, over 12 contexts: "sks heart" 0.266 / 0.325
+# DreamBooth'd (AVX-512 / default kernels), -0.053 / -0.053 untuned, "a heart" -0.091 / -0.012
+# DreamBooth'd. (dotted-star, the weakest concept, over 6 contexts: 0.141 / -0.047 DreamBooth'd
+# against 0.021 untuned.) Without prior preservation the class word drifts to the concept:
+# dotted-star's "sks star" and "a star" scored 0.208 and 0.120 (300 steps at 1e-3), 0.114 and
+# 0.147 (the first recipe, 150 at 5e-4); tests/mutants.py checks the class bound catches it.
 DREAMBOOTH_GAIN, CLASS_GAIN = 0.05, 0.15
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet").is_dir(),
                                 reason="weights/toy has no unet/ (make toy trains it)")
@@ -75,12 +79,12 @@ def test_dreambooth_teaches_a_concept(pipe, tmp_path):
     from toy import swap as toy  # noqa: PLC0415
     from toy.evaluate import contexts, sample_identity  # noqa: PLC0415
 
-    name = "dotted-star"
+    name = "striped-heart"
     tuned = toy.toy_pipeline(toy.concept_model(name, WEIGHTS, root=tmp_path))
     m = toy.measure(name, WEIGHTS)
-    backgrounds = contexts(name, 6)
+    backgrounds = contexts(name, 12)
     sks, untuned, cls = (sample_identity(p, words, backgrounds, m) for p, words in
-                         ((tuned, "sks star"), (pipe, "sks star"), (tuned, "a star")))
-    print(f"identity over 6 contexts: 'sks star' DreamBooth'd {sks:.3f}, untuned {untuned:.3f}; "
-          f"'a star' DreamBooth'd {cls:.3f}")
+                         ((tuned, "sks heart"), (pipe, "sks heart"), (tuned, "a heart")))
+    print(f"identity over 12 contexts: 'sks heart' DreamBooth'd {sks:.3f}, untuned "
+          f"{untuned:.3f}; 'a heart' DreamBooth'd {cls:.3f}")
     assert sks > untuned + DREAMBOOTH_GAIN and sks > cls + CLASS_GAIN
