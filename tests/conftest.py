@@ -128,8 +128,16 @@ def assert_parity(name: str, ours: torch.Tensor, ref: torch.Tensor, bound: float
     return rel
 
 
+def assert_same(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys, dtypes and values, bit for bit."""
+    assert set(a) == set(b), set(a) ^ set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 __all__ = ["DATA", "SD21_NAMES", "randomize", "reference_unet", "reference_vae",
-           "reference_text", "shipped", "replace", "relative_difference", "assert_parity"]
+           "reference_text", "shipped", "replace", "relative_difference", "assert_parity",
+           "assert_same"]
 
 
 def openai_bytes_to_unicode() -> dict[int, str]:

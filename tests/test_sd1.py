@@ -16,6 +16,7 @@ import torch
 from conftest import (
     DATA,
     assert_parity,
+    assert_same,
     randomize,
     reference_text,
     reference_unet,
@@ -77,12 +78,6 @@ def to_ldm_v1(sds: dict[str, dict]) -> dict[str, torch.Tensor]:
     ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     ckpt["betas"], ckpt["alphas_cumprod"] = torch.zeros(1000), torch.ones(1000)
     return ckpt
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 # The presets say what the shipped files say, and have the real inventories.

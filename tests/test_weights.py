@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, SD21_NAMES, assert_parity, randomize
+from conftest import DATA, SD21_NAMES, assert_parity, assert_same, randomize
 from safetensors.torch import load_file, save_file
 
 from sd import weights
@@ -58,12 +58,6 @@ def random_sds(cfg, seed=0) -> dict[str, dict]:
     m = weights.build(cfg)
     return {n: randomize(getattr(m, n), seed + i).state_dict()
             for i, n in enumerate(("text_encoder", "vae", "unet"))}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), (set(a) ^ set(b))
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_single_file_matches_diffusers_converter(tmp_path):
