@@ -83,23 +83,27 @@ TOY_ARGS = --run $(TOYRUN) --threads $(TOY_THREADS)
 toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
 	$(MAKE) -j$(TOY_JOBS) toy-stages
 
-# The long chain (VAE, then UNet) first: make starts prerequisites in the order listed.
+# Two chains, one per job slot: the VAE then the UNet (stages 2 and 2b), the long one; the judge,
+# then the identity encoder, then the decoder. The order-only links (after |) keep the second
+# chain in line, so that when the VAE ends the UNet is the only job make can start beside the
+# judge (make -j starts whatever is ready, not what is listed first).
 toy-stages: toy-unet $(TOYRUN)/judge.pt $(TOYRUN)/decoder.pt $(TOYRUN)/identity.safetensors
 	$(BIN)/python -m toy pretrain export --run $(TOYRUN) -o weights/toy
 
 # Each stage resumes from its last checkpoint; vae.pt and decoder.pt are written when their
-# stage ends; the UNet stage, rerun when done, only reloads its last checkpoint.
+# stage ends; the UNet stages, rerun when done, only reload their last checkpoints.
 $(TOYRUN)/vae.pt: | $(STAMP)
 	$(BIN)/python -m toy pretrain vae $(TOY_ARGS)
-$(TOYRUN)/decoder.pt: $(TOYRUN)/vae.pt
+$(TOYRUN)/decoder.pt: $(TOYRUN)/vae.pt | $(TOYRUN)/identity.safetensors
 	$(BIN)/python -m toy pretrain decoder $(TOY_ARGS)
 toy-unet: $(TOYRUN)/vae.pt
 	$(BIN)/python -m toy pretrain unet $(TOY_ARGS)
+	$(BIN)/python -m toy pretrain unet-more $(TOY_ARGS)
 
 # The measuring instruments (their files are their stamps: delete one to retrain it).
 $(TOYRUN)/judge.pt: | $(STAMP)
 	$(BIN)/python -m toy judge -o $@ --threads $(TOY_THREADS)
-$(TOYRUN)/identity.safetensors: | $(STAMP)
+$(TOYRUN)/identity.safetensors: | $(STAMP) $(TOYRUN)/judge.pt
 	$(BIN)/python -m toy identity -o $@ --threads $(TOY_THREADS)
 
 clean:

@@ -15,6 +15,7 @@ from sd.pipeline import Pipeline
 from sd.weights import build
 from toy import data as toydata
 from toy import judge, pretrain
+from train import UsageError
 from train.checkpoints import save
 from train.loop import EMA, Run, Settings, fit, lr_at
 
@@ -204,6 +205,36 @@ def test_the_decoder_stage_leaves_the_encoder_and_export_takes_its_decoder(tmp_p
     pipe = Pipeline.load(preset("toy"), tmp_path / "new", "cpu", torch.float32)
     exported = pipe.models.vae.decoder.conv_out.weight
     assert torch.allclose(exported, after["decoder.conv_out.weight"].half().float())
+
+
+def test_stage_2b_starts_from_stage_2s_last_ema_and_export_takes_its_own(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.save(build(TOY).vae.state_dict(), tmp_path / "vae.pt")
+    (tmp_path / "vae.json").write_text('{"scaling": 0.9}')
+    (tmp_path / "unet").mkdir()
+
+    def checkpoint(folder: str, step: int, bias: float) -> None:
+        ema = EMA(pretrain.Stage2(TOY), 0.999)
+        with torch.no_grad():
+            ema.module.unet.conv_in.bias.fill_(bias)
+        save(tmp_path / folder, step, ema.save, {"step": step})
+
+    calls = []
+    monkeypatch.setattr(pretrain, "train_unet", lambda *a: calls.append(a))
+    monkeypatch.setitem(pretrain.UNET_RECIPE, "steps", 4)
+    checkpoint("unet", 3, 0.25)  # stage 2 interrupted: 2b refuses to start from it
+    with pytest.raises(UsageError, match="stage 2 has not finished"):
+        pretrain.train_unet_more(tmp_path, 0, False)
+    checkpoint("unet", 4, 0.5)
+    pretrain.train_unet_more(tmp_path, 0, False)
+    (_, _, _, recipe, folder, init), = calls
+    assert (recipe, folder) == (pretrain.UNET_MORE, "unet-more")
+    assert torch.equal(init["unet.conv_in.bias"], torch.full((32,), 0.5))
+    (tmp_path / "unet-more").mkdir()
+    checkpoint("unet-more", 2, 0.75)
+    pretrain.export(tmp_path, tmp_path / "new")
+    pipe = Pipeline.load(preset("toy"), tmp_path / "new", "cpu", torch.float32)
+    assert torch.equal(pipe.models.unet.conv_in.bias, torch.full((32,), 0.75))
 
 
 def test_rerunning_a_killed_stage_resumes_it(tmp_path):

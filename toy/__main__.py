@@ -25,8 +25,9 @@ examples:
   python -m toy pretrain vae     --run out/toyrun      # stage 1 (resumes if interrupted)
   python -m toy pretrain decoder --run out/toyrun      # stage 1b: the decoder alone
   python -m toy pretrain unet    --run out/toyrun      # stage 2, on stage 1's encoder
+  python -m toy pretrain unet-more --run out/toyrun    # stage 2b: a second cycle from 2's EMA
   python -m toy pretrain export  --run out/toyrun -o weights/toy
-  python -m toy pretrain all     --run out/toyrun -o weights/toy   # make toy: each in turn
+  python -m toy pretrain all     --run out/toyrun -o weights/toy   # every stage in turn
 
 Each stage keeps checkpoints in RUN/STAGE/checkpoint-N/ (rerunning it resumes from the newest,
 bit for bit) and its evaluations in RUN/STAGE/log.csv."""
@@ -74,9 +75,10 @@ example:
 
 
 def pretrain_options(c: argparse.ArgumentParser) -> None:
-    c.add_argument("stage", choices=["vae", "decoder", "unet", "export", "all"],
+    c.add_argument("stage", choices=["vae", "decoder", "unet", "unet-more", "export", "all"],
                    help="vae, then decoder (the decoder alone, encoder frozen), then unet (text "
-                   "encoder + UNet), then export; all: each in turn, resuming what is done")
+                   "encoder + UNet), then unet-more (a second learning-rate cycle from unet's "
+                   "EMA weights), then export; all: each in turn, resuming what is done")
     c.add_argument("--run", type=Path, default=Path("out/toyrun"),
                    help="folder of the stages' checkpoints, logs and caches (out/toyrun)")
     c.add_argument("-o", "--out", type=Path, default=WEIGHTS,
@@ -172,6 +174,8 @@ def pretrain(args: argparse.Namespace, argv: list[str]) -> None:
         lib.train_decoder(args.run, args.seed, progress)
     if args.stage in ("unet", "all"):
         lib.train_unet(args.run, args.seed, progress)
+    if args.stage in ("unet-more", "all"):
+        lib.train_unet_more(args.run, args.seed, progress)
     if args.stage in ("export", "all"):
         print(lib.export(args.run, args.out))
 
