@@ -4,7 +4,7 @@ and usage errors before torch loads; the library imports these from here."""
 
 TWO = 0.25  # the share of two-subject scenes among the benchmark's sources (toy/swap.py source)
 # make swap's default: the benchmark's median swap by photoswap's identity (toy/evaluate.py demo)
-DEMO = ("dotted-star", 14)
+DEMO = ("dotted-star", 4)
 # DreamBooth on the toy model, as DreamBoothSettings' fields (how it was chosen: weights/toy/
 # README.md, "DreamBooth and the swap"; python -m bench.dreambooth_recipes compares others).
 DREAMBOOTH = {"steps": 300, "lr": 1e-3, "batch_size": 4, "train_text_encoder": True, "seed": 0,
