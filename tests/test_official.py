@@ -265,8 +265,9 @@ def case_inputs(models, name):
 # in fp32, and the fp64 runs 1e-15..2e-13, case for case; the same seed measures up to 2.5x apart
 # between thread counts. The fp32 runs use seeds whose measured floor is at most 4e-6 and whose
 # local blend covers part of the latent (seed, floor, coverage: equal length 17, 1.3e-6, 0.69;
-# unequal length 18, 1.6e-6, 0.31; two subjects 7, 3.1e-6, 0.80; blend covering part 7, 2.0e-6,
-# 0.63; p2p 8, 2.2e-6, 0.78; the photo 3.2e-6). A floor of 5e-6 is not a margin: on the model
+# unequal length 18, 1.6e-6, 0.31; two subjects 7, 3.1e-6, 0.80 (fp64 only, below); blend
+# covering part 7, 2.0e-6, 0.63; p2p 8, 2.2e-6, 0.78; the photo 3.2e-6). A floor of 5e-6 is
+# not a margin: on the model
 # before stage 2b, seed 2 of "blend covering part" measured 5.0e-6 here and 1.05e-5 with
 # ATEN_CPU_CAPABILITY=default. Blend thresholds: this model's maps of the subject words cover
 # 89-100% of the latent at 0.3 for p2p's "circle" (seeds 1-24), 83-100% for the two subjects'
@@ -276,8 +277,11 @@ def case_inputs(models, name):
 # tells int(A * (T + 1)) from int(A * T) apart (24) is safe to use.
 SEEDS = {"equal length": 17, "unequal length": 18, "two subjects": 7, "blend covering part": 7,
          "p2p refine + blend": 8, "unequal length, 24 steps": 18}
-RUNS = [(name, torch.float32) for name in CASES] + [(name, torch.float64) for name in CASES] + [
-    ("unequal length, 24 steps", torch.float64)]
+# "two subjects" runs in fp64 only: its fp32 floor on the committed model is 3e-6..2.9e-4 over
+# seeds 1-24, and its best seed (7) measured 3.1e-6 on one thread, 5.4e-6 on two and 1.07e-5 with
+# ATEN_CPU_CAPABILITY=default: no seed clears the bound on every CPU.
+RUNS = [(name, torch.float32) for name in CASES if name != "two subjects"] + [
+    (name, torch.float64) for name in CASES] + [("unequal length, 24 steps", torch.float64)]
 CASES["unequal length, 24 steps"] = CASES["unequal length"][:5] + (24, False)
 
 
