@@ -53,7 +53,20 @@ def one_line(e: BaseException) -> str:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """main(argv)'s exit code, with the policy above for what it raises."""
+    """main(argv)'s exit code, with the policy above for what it raises. After Ctrl-C the
+    process ends here, with exit code 130, once the streams are flushed: CPython marks a
+    KeyboardInterrupt that went through exec() of a string as unhandled even when it is caught
+    later (mpmath does such an exec() while torch imports it lazily at an optimiser's first
+    use), and its normal exit would then kill the process with SIGINT instead."""
+    code = outcome(main, argv)
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def outcome(main: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
         return main(argv) or 0
     except ValueError as e:

@@ -223,6 +223,20 @@ def test_ctrl_c_is_one_line_and_exit_code_130(command, tmp_path, photo):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_ctrl_c_inside_exec_of_a_string_still_exits_130(tmp_path):
+    # Where CI's null_text case above once died by SIGINT (returncode -2): Ctrl-C landed in
+    # mpmath's exec() of a string (torch imports it at an optimiser's first use), which makes
+    # CPython kill a `python -m` process with SIGINT at exit even though cli.run caught it.
+    (tmp_path / "interrupted.py").write_text(
+        "import sys\nfrom sd import cli\n\n"
+        "def main(argv):\n    exec('raise KeyboardInterrupt')\n\n"
+        "sys.exit(cli.run(main))\n")
+    r = subprocess.run([sys.executable, "-m", "interrupted"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "interrupted (nothing half-written is left)"
+
+
 def test_dreambooth_resumes_refuse_damage_and_other_settings(tmp_path, photo):
     folder = tmp_path / "photos"
     folder.mkdir()
