@@ -1,13 +1,15 @@
 """Atomic writes: a file appears complete under its name, or not at all (train/checkpoints.py
 has the folder variant).
 
-Write to a temporary file of its own beside the target (.NAME.RANDOM.tmp: writers of the same
-name at once never share one), give it the mode the user's umask gives new files (safetensors
-creates 0600), fsync it, rename it onto the target (os.replace is atomic on one file system; the
-last complete write wins) and fsync the folder, where the rename itself lives (fsync(2)).
+Write to a temporary file of its own beside the target (.NAME.RANDOM.tmp, 64 random bits:
+writers of the same name at once never share one), give it the mode the user's umask gives new
+files (safetensors creates 0600), fsync it, rename it onto the target (os.replace is atomic on one
+file system; the last complete write wins) and fsync the folder, where the rename itself lives
+(fsync(2)).
 """
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,10 +53,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    # Named before it is made, made inside the try: Ctrl-C at any point leaves nothing behind.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
+        tmp.touch(mode=0o600, exist_ok=False)
         yield tmp
         os.chmod(tmp, umask_mode())
         fsync(tmp)

@@ -19,10 +19,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from sd import files
 from sd.config import TINY
+from sd.files import atomic_write
 from sd.pipeline import Pipeline
 from sd.weights import WeightsError, build
-from train.checkpoints import save_weights
+from train import checkpoints
+from train.checkpoints import atomic_folder, save_weights
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -235,6 +238,56 @@ def test_ctrl_c_inside_exec_of_a_string_still_exits_130(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip() == "interrupted (nothing half-written is left)"
+
+
+def _write_file(target: Path, text: str) -> None:
+    with atomic_write(target) as tmp:
+        tmp.write_text(text)
+
+
+def _write_folder(target: Path, text: str) -> None:
+    with atomic_folder(target) as tmp:
+        (tmp / "state.pt").write_text(text)
+
+
+@pytest.mark.parametrize("write, module", [(_write_file, files), (_write_folder, checkpoints)],
+                         ids=["atomic_write", "atomic_folder"])
+def test_ctrl_c_at_any_line_of_a_writer_leaves_the_old_or_the_new_and_nothing_else(
+        write, module, tmp_path):
+    """A real Ctrl-C lands between any two lines: raise KeyboardInterrupt at each line of the
+    writer's module in turn (sys.settrace), until a run goes through."""
+    target = tmp_path / "checkpoint-1"
+    read = (lambda: (target / "state.pt").read_text()) if write is _write_folder else \
+        target.read_text
+    write(target, "old")
+    tracer = sys.gettrace()  # coverage's or a debugger's, put back after each run
+    for n in range(1, 1000):
+        lines = 0
+
+        def trace(frame, event, arg):
+            nonlocal lines
+            if frame.f_code.co_filename != module.__file__:
+                return None
+            if event == "line":
+                lines += 1
+                if lines == n:
+                    raise KeyboardInterrupt
+            return trace
+
+        sys.settrace(trace)
+        try:
+            write(target, f"new {n}")
+        except KeyboardInterrupt:
+            assert read() in ("old", f"new {n}"), n
+            assert [f.name for f in tmp_path.iterdir()] == [target.name], n
+            write(target, "old")
+            continue
+        finally:
+            sys.settrace(tracer)
+        assert read() == f"new {n}" and [f.name for f in tmp_path.iterdir()] == [target.name]
+        break
+    print(f"{n - 1} interrupted runs")
+    assert n > 5  # it did stop inside the writer
 
 
 def test_dreambooth_resumes_refuse_damage_and_other_settings(tmp_path, photo):

@@ -33,9 +33,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     replaces `path`, on failure it is removed."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a killed run
-    tmp.mkdir(parents=True)
-    try:
+    swapped = False
+    try:  # from here Ctrl-C at any point leaves `path` as it was, or complete, and no NAME.tmp/
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a killed run
+        tmp.mkdir(parents=True)
         yield tmp
         for folder, _, files in os.walk(tmp):
             for name in files:  # safetensors creates 0600: the umask's mode, as any other file
@@ -44,12 +45,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
                 fsync(Path(folder, name))
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():  # a folder cannot replace a non-empty one: swap, then delete
+            swapped = True
             os.replace(path, old)
         os.replace(tmp, path)
         fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if swapped and not path.exists():  # stopped between the two renames: put it back
+            os.replace(old, path)
+        shutil.rmtree(old, ignore_errors=True)
         raise
 
 
