@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sd.files import atomic_write
 from toy.scenes import SIZE, Scene, Subject, ground, render
 
 # name -> (class word, the concept's subject at unit pose)
@@ -86,7 +87,6 @@ def write(name: str, folder: str | Path, count: int = REFERENCES) -> list[Path]:
     files = []
     for i, (image, _) in enumerate(references(name, count)):
         files.append(folder / f"{name}-{i}.png")
-        tmp = files[-1].with_name(files[-1].name + ".tmp")
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(files[-1])
+        with atomic_write(files[-1]) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
     return files

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sd.files import atomic_write
 from toy import concepts, scenes
 from toy.judge import augment
 
@@ -152,10 +153,8 @@ def train(out: Path, count: int, steps: int, seed: int = 0, batch: int = 64,
         sched.step()
     report = {"objects": 2 * count, "steps": steps, "seconds": round(time.time() - t0),
               **validate(encoder)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp)
-    tmp.replace(out)
+    with atomic_write(out) as tmp:
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp)
     return report
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from sd.files import atomic_write
 from toy import scenes
 
 SHAPES, COLOURS, TEXTURES = scenes.SHAPES, list(scenes.COLOURS), scenes.TEXTURES
@@ -156,11 +157,9 @@ def train(out: Path, count: int, steps: int, seed: int, progress: bool = True) -
         sched.step()
     report = accuracy(judge, range(1000))
     report.update(train_scenes=count, steps=steps, seconds=round(time.time() - t0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, tmp)
-    else:
-        torch.save(judge.state_dict(), tmp)
-    tmp.replace(out)
+    with atomic_write(out) as tmp:
+        if out.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, tmp)
+        else:
+            torch.save(judge.state_dict(), tmp)
     return report

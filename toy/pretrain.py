@@ -266,9 +266,8 @@ def latent_data(run_dir: Path, vae: VAE, cfg: ModelConfig, count: int, split: st
     images, captions = toydata.pool(split, count, run_dir, progress)
     mean, std = encode_pool(vae, images)
     data = {"mean": mean, "std": std, "ids": token_ids(captions, cfg), "captions": captions}
-    tmp = file.with_name(file.name + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(file)
+    with atomic_write(file) as tmp:
+        torch.save(data, tmp)
     return data
 
 
