@@ -237,6 +237,28 @@ def test_stage_2b_starts_from_stage_2s_last_ema_and_export_takes_its_own(tmp_pat
     assert torch.equal(pipe.models.unet.conv_in.bias, torch.full((32,), 0.75))
 
 
+@pytest.mark.parametrize("killed_in", ["json.dumps", "torch.save"])
+def test_a_kill_while_the_vae_stage_saves_leaves_no_stamp_without_its_scale(tmp_path, monkeypatch,
+                                                                          killed_in):
+    """vae.pt is make's stamp for stage 1, and the later stages read vae.json beside it: stopped
+    in either write, the stage leaves no vae.pt (so make reruns it) and no temporary."""
+    torch.manual_seed(0)
+    vae = build(TOY).vae
+    images = toydata.pool("test", 4, None, False)[0]
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(killed_in, kill)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.finish_vae(tmp_path, vae, images, toydata.to_tensor(images))
+    assert [f.name for f in tmp_path.iterdir()] in ([], ["vae.json"])
+    stats = pretrain.finish_vae(tmp_path, vae, images, toydata.to_tensor(images))
+    assert json.loads((tmp_path / "vae.json").read_text()) == stats
+    assert (tmp_path / "vae.pt").is_file()
+
+
 def test_rerunning_a_killed_stage_resumes_it(tmp_path):
     recipe = {"steps": 7, "lr": 0.1, "warmup": 2, "weight_decay": 0.01, "every": 3}
 

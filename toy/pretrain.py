@@ -199,10 +199,11 @@ def finish_vae(run_dir: Path, vae: VAE, images: np.ndarray, test: torch.Tensor) 
     z = mean.float() + std.float() * torch.randn(mean.shape, generator=g)
     psnr, _ = vae_psnr(vae, test)
     stats = {"latent_std": z.std().item(), "scaling": 1 / z.std().item(), "psnr_test": psnr}
-    tmp = run_dir / "vae.pt.tmp"
-    torch.save(vae.state_dict(), tmp)
-    tmp.replace(run_dir / "vae.pt")
-    (run_dir / "vae.json").write_text(json.dumps(stats, indent=1))
+    # vae.pt last: it is make's stamp for the stage, so it must not exist without vae.json.
+    with atomic_write(run_dir / "vae.json") as tmp:
+        tmp.write_text(json.dumps(stats, indent=1))
+    with atomic_write(run_dir / "vae.pt") as tmp:
+        torch.save(vae.state_dict(), tmp)
     return stats
 
 
