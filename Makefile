@@ -76,10 +76,13 @@ bench: $(STAMP)  ## CPU benchmarks against diffusers/transformers; results go to
 TOYRUN ?= out/toyrun
 # make toy runs two jobs at a time, one torch thread each (TOY_JOBS, TOY_THREADS): the stages are
 # too small to share cores well, and the VAE -> UNet chain, the long one, has the other core's
-# jobs (judge, identity encoder, decoder) beside it.
+# jobs (judge, identity encoder, decoder) beside it. When that second chain has written its last
+# file, the UNet stage takes the core it frees (TOY_ALONE_THREADS threads from then on).
 TOY_JOBS ?= 2
 TOY_THREADS ?= 1
+TOY_ALONE_THREADS ?= 2
 TOY_ARGS = --run $(TOYRUN) --threads $(TOY_THREADS)
+TOY_UNET_ARGS = $(TOY_ARGS) --more-threads $(TOY_ALONE_THREADS) $(TOYRUN)/decoder.pt
 toy: $(STAMP)  ## retrain the toy model from scratch into weights/toy (hours; resumable; weights/toy/README.md)
 	$(MAKE) -j$(TOY_JOBS) toy-stages
 
@@ -97,8 +100,8 @@ $(TOYRUN)/vae.pt: | $(STAMP)
 $(TOYRUN)/decoder.pt: $(TOYRUN)/vae.pt | $(TOYRUN)/identity.safetensors
 	$(BIN)/python -m toy pretrain decoder $(TOY_ARGS)
 toy-unet: $(TOYRUN)/vae.pt
-	$(BIN)/python -m toy pretrain unet $(TOY_ARGS)
-	$(BIN)/python -m toy pretrain unet-more $(TOY_ARGS)
+	$(BIN)/python -m toy pretrain unet $(TOY_UNET_ARGS)
+	$(BIN)/python -m toy pretrain unet-more $(TOY_UNET_ARGS)
 
 # The measuring instruments (their files are their stamps: delete one to retrain it).
 $(TOYRUN)/judge.pt: | $(STAMP)

@@ -227,8 +227,8 @@ def test_stage_2b_starts_from_stage_2s_last_ema_and_export_takes_its_own(tmp_pat
         pretrain.train_unet_more(tmp_path, 0, False)
     checkpoint("unet", 4, 0.5)
     pretrain.train_unet_more(tmp_path, 0, False)
-    (_, _, _, recipe, folder, init), = calls
-    assert (recipe, folder) == (pretrain.UNET_MORE, "unet-more")
+    (_, _, _, recipe, folder, init, more), = calls
+    assert (recipe, folder, more) == (pretrain.UNET_MORE, "unet-more", None)
     assert torch.equal(init["unet.conv_in.bias"], torch.full((32,), 0.5))
     (tmp_path / "unet-more").mkdir()
     checkpoint("unet-more", 2, 0.75)
@@ -311,3 +311,29 @@ def test_the_toy_command_line_parses_without_torch_and_refuses_a_missing_stage(t
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: no trained VAE"), r.stderr
     assert "python -m toy pretrain vae" in r.stderr and not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "toy", "pretrain", "unet", "--run",
+                        str(tmp_path / "run"), "--more-threads", "two", "x"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --more-threads: N is"), r.stderr
+
+
+def test_the_unet_stage_takes_more_threads_once_the_other_chains_file_exists(tmp_path,
+                                                                             monkeypatch):
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.save(build(TOY).vae.state_dict(), tmp_path / "vae.pt")
+    (tmp_path / "vae.json").write_text('{"scaling": 0.9}')
+    monkeypatch.setitem(pretrain.UNET_RECIPE, "pool", 8)
+    monkeypatch.setitem(pretrain.UNET_RECIPE, "batch", 2)
+    monkeypatch.setitem(pretrain.UNET_RECIPE, "steps", 2)
+    monkeypatch.setitem(pretrain.UNET_RECIPE, "every", 1)
+    more = pretrain.MoreThreads(2, tmp_path / "decoder.pt")
+    try:
+        torch.set_num_threads(1)
+        more.claim()
+        assert torch.get_num_threads() == 1
+        (tmp_path / "decoder.pt").touch()  # the other chain's last file
+        pretrain.train_unet(tmp_path, 0, False, more=more)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -84,6 +84,9 @@ def pretrain_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("-o", "--out", type=Path, default=WEIGHTS,
                    help="folder the export stage writes the model to (weights/toy)")
     c.add_argument("--seed", type=int, default=0, help="(0)")
+    c.add_argument("--more-threads", nargs=2, metavar=("N", "FILE"),
+                   help="the UNet stages: N threads once FILE exists (make toy: the other job "
+                   "slot's last file, so the UNet takes the core it frees)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -164,18 +167,23 @@ def pretrain(args: argparse.Namespace, argv: list[str]) -> None:
     cli.writable(args.run, "--run", folder=True)
     if args.stage in ("export", "all"):
         cli.writable(args.out, folder=True)
+    if args.more_threads:
+        n, file = args.more_threads
+        if not n.isdigit() or int(n) < 1:
+            raise cli.UsageError(f"--more-threads: N is a whole number of 1 or more, not {n!r}")
     from toy import pretrain as lib
 
     threads(args.threads)
     progress = not args.quiet
+    more = args.more_threads and lib.MoreThreads(int(n), Path(file))
     if args.stage in ("vae", "all"):
         lib.train_vae(args.run, args.seed, progress)
     if args.stage in ("decoder", "all"):
         lib.train_decoder(args.run, args.seed, progress)
     if args.stage in ("unet", "all"):
-        lib.train_unet(args.run, args.seed, progress)
+        lib.train_unet(args.run, args.seed, progress, more=more)
     if args.stage in ("unet-more", "all"):
-        lib.train_unet_more(args.run, args.seed, progress)
+        lib.train_unet_more(args.run, args.seed, progress, more)
     if args.stage in ("export", "all"):
         print(lib.export(args.run, args.out))
 

@@ -17,7 +17,7 @@ behind them: weights/toy/README.md.
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -300,10 +300,27 @@ def adherence(model: Stage2, vae: VAE, cfg: ModelConfig, judge, grid_file: Path)
     return figures
 
 
+@dataclass
+class MoreThreads:
+    """`threads` torch threads once `file` exists. make toy runs two one-thread jobs; when the
+    other job slot's chain (judge, identity encoder, decoder) writes its last file, the UNet
+    stage, the long chain, takes the core it frees (two threads pay only on a free core:
+    BENCHMARKS.md, python -m bench.toy_train)."""
+
+    threads: int
+    file: Path
+
+    def claim(self) -> None:
+        if torch.get_num_threads() < self.threads and self.file.exists():
+            torch.set_num_threads(self.threads)
+
+
 def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = None,
-               folder: str = "unet", init: dict | None = None) -> Stage2:
+               folder: str = "unet", init: dict | None = None,
+               more: MoreThreads | None = None) -> Stage2:
     """Stage 2 into <run>/<folder>: text encoder and UNet from scratch, or from `init` (a Stage2
-    state dict; stage 2b starts from stage 2's EMA weights)."""
+    state dict; stage 2b starts from stage 2's EMA weights); `more` looked at every
+    checkpoint's worth of steps."""
     r = {**UNET_RECIPE, **(recipe or {})}
     need_vae(run_dir)
     s = stage_settings(run_dir / folder, r, seed, progress)  # first: it refuses an old run
@@ -320,6 +337,8 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     data["empty"], held["empty"] = empty, empty
 
     def loss(model: Stage2, g: torch.Generator, micro: int) -> torch.Tensor:
+        if more is not None and micro % r["every"] == 0:
+            more.claim()
         return diffusion_loss(model, latent_batch({**data, "ac": ac},
                               r["batch"], g), g, cfg, r["drop"], r["snr_gamma"])
 
@@ -338,14 +357,15 @@ def train_unet(run_dir: Path, seed: int, progress: bool, recipe: dict | None = N
     return stage(s, model, loss, evaluate, EMA(model, r["ema"]))
 
 
-def train_unet_more(run_dir: Path, seed: int, progress: bool) -> Stage2:
+def train_unet_more(run_dir: Path, seed: int, progress: bool,
+                    more: MoreThreads | None = None) -> Stage2:
     """Stage 2b: UNET_MORE from stage 2's EMA weights, into <run>/unet-more."""
     done = run_dir / "unet" / f"checkpoint-{UNET_RECIPE['steps']}"
     if not (done / EMA.FILE).is_file():
         raise UsageError(f"stage 2 has not finished in {run_dir} (no {done}): "
                          "python -m toy pretrain unet --run ... first")
     init = load_file(done / EMA.FILE)
-    return train_unet(run_dir, seed, progress, UNET_MORE, "unet-more", init)
+    return train_unet(run_dir, seed, progress, UNET_MORE, "unet-more", init, more)
 
 
 def final_unet(run_dir: Path) -> Path:
