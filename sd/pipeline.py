@@ -20,7 +20,7 @@ from sd.attention import Control
 from sd.config import DTYPE_NAMES, ModelConfig
 from sd.images import load_image, to_pil
 from sd.tokenizer import Tokenizer
-from sd.weights import Models, build, load, read
+from sd.weights import Models, build, load, read, with_scaling
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -96,6 +96,8 @@ class Pipeline:
         """From weights in either layout; `weights=None` gives random weights (tests, demos)."""
         d, t = default_device_dtype()
         device, dtype = device or d, dtype or t
+        if weights is not None:
+            cfg = with_scaling(cfg, weights)
         models = build(cfg, device, dtype) if weights is None else load(weights, cfg, device, dtype)
         for m in (models.text_encoder, models.vae, models.unet):
             m.eval().requires_grad_(False)

@@ -14,7 +14,7 @@ tidy, check, strict load.
 import json
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -245,6 +245,17 @@ def detect_preset(path: str | Path) -> tuple[str, str]:
         return "sd2.1-base", f"the name {path.name!r} contains 512 or base"
     return "sd2.1-base", ("assumed: nothing in the weights says epsilon or v; pass --model sd2.1 "
                           "for the 768 px v-prediction model")
+
+
+def with_scaling(cfg: ModelConfig, path: str | Path) -> ModelConfig:
+    """cfg with the latent scale a diffusers folder's vae/config.json gives (diffusers reads
+    scaling_factor from there too): a retrained toy model measures its own; single files, and
+    folders without it, keep the preset's."""
+    file = Path(path) / "vae" / "config.json"
+    scaling = json.loads(file.read_text()).get("scaling_factor") if file.is_file() else None
+    if scaling is None or scaling == cfg.vae.scaling:
+        return cfg
+    return replace(cfg, vae=replace(cfg.vae, scaling=float(scaling)))
 
 
 def header_version(file: Path) -> str | None:

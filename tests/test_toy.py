@@ -182,6 +182,7 @@ def test_export_reads_fit_checkpoints(tmp_path):
                                                                           0.25))
         config = json.loads((tmp_path / folder / "vae" / "config.json").read_text())
         assert config["scaling_factor"] == 0.9  # the measured one, from vae.json
+        assert pipe.cfg.vae.scaling == 0.9  # and the one the pipeline scales latents by
 
 
 def test_the_decoder_stage_leaves_the_encoder_and_export_takes_its_decoder(tmp_path, monkeypatch):
