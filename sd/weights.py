@@ -252,7 +252,13 @@ def with_scaling(cfg: ModelConfig, path: str | Path) -> ModelConfig:
     scaling_factor from there too): a retrained toy model measures its own; single files, and
     folders without it, keep the preset's."""
     file = Path(path) / "vae" / "config.json"
-    scaling = json.loads(file.read_text()).get("scaling_factor") if file.is_file() else None
+    if not file.is_file():
+        return cfg
+    try:
+        scaling = json.loads(file.read_text()).get("scaling_factor")
+    except (ValueError, AttributeError, OSError) as e:
+        raise WeightsError(f"{file}: not a readable JSON object ({e}); make or download the "
+                           "model again") from None
     if scaling is None or scaling == cfg.vae.scaling:
         return cfg
     return replace(cfg, vae=replace(cfg.vae, scaling=float(scaling)))

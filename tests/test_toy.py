@@ -11,6 +11,7 @@ from torch import nn
 
 from sd import ddim
 from sd.config import TOY, preset
+from sd.errors import WeightsError
 from sd.pipeline import Pipeline
 from sd.weights import build
 from toy import data as toydata
@@ -183,6 +184,9 @@ def test_export_reads_fit_checkpoints(tmp_path):
         config = json.loads((tmp_path / folder / "vae" / "config.json").read_text())
         assert config["scaling_factor"] == 0.9  # the measured one, from vae.json
         assert pipe.cfg.vae.scaling == 0.9  # and the one the pipeline scales latents by
+    (tmp_path / "new" / "vae" / "config.json").write_text('{"scaling_factor": 0.9')
+    with pytest.raises(WeightsError, match="config.json: not a readable JSON object"):
+        Pipeline.load(preset("toy"), tmp_path / "new", "cpu", torch.float32)
 
 
 def test_the_decoder_stage_leaves_the_encoder_and_export_takes_its_decoder(tmp_path, monkeypatch):
