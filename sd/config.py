@@ -131,11 +131,11 @@ TOY = ModelConfig(
     text=TextConfig(width=64, layers=4, heads=4, mlp_width=256),
     # 8 latent channels, not SD's 4, for the textures and two-colour backgrounds of the toy
     # world's second version (weights/toy/README.md, "Sizes"). scaling: 1 / std of the sampled
-    # latents of 2,048 training scenes through the trained VAE, the role 0.18215 plays for SD:
-    # the committed model's, as toy/pretrain.py measured it; a folder's vae/config.json
-    # overrides it (sd.weights.with_scaling), so a retrained model brings its own.
+    # latents of 2,048 training scenes through the trained VAE (measured 1.0716 by
+    # toy/pretrain.py), the role 0.18215 plays for SD. A folder's vae/config.json overrides it
+    # (sd.weights.with_scaling), so a retrained model brings its own.
     vae=VAEConfig(channels=(16, 32, 64), layers_per_block=1, groups=8, latent_channels=8,
-                  scaling=1.071597531620886),
+                  scaling=1.0716),
     unet=UNetConfig(
         channels=(32, 64, 64),
         in_channels=8,
