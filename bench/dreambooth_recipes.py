@@ -32,6 +32,18 @@ GRIDS = {  # name -> {label: recipe (DreamBoothSettings' fields)}
     "prior": {f"{steps} steps, lr {lr:g}, prior": {**PLAIN, "steps": steps, "lr": lr,
                                                      "num_class_images": 50}
               for steps, lr in ((300, 1e-3), (600, 1e-3), (600, 2e-3))},
+    # at make swap's cost (300 steps of 4 images): a higher rate, or more steps of 2 images
+    "budget": {f"{steps} steps of {b}, lr {lr:g}, prior": {**PLAIN, "steps": steps, "lr": lr,
+                                                            "batch_size": b,
+                                                            "num_class_images": 50}
+               for steps, b, lr in ((300, 4, 2e-3), (600, 2, 1e-3), (600, 2, 2e-3))},
+    # each image with its caption in the world's words: the references "a photo of sks star on
+    # a ... background", the class images drawn from captions of the world's stars
+    "world": {f"{steps} steps, lr {lr:g}{', prior' if prior else ''}, world":
+              {**PLAIN, "steps": steps, "lr": lr, "captions": "world",
+               **({"num_class_images": 50} if prior else {})}
+              for steps, lr, prior in ((300, 1e-3, True), (300, 1e-3, False), (600, 1e-3, True),
+                                       (150, 1e-3, True))},
 }
 
 
@@ -44,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", type=int, default=12, help="backgrounds per concept (12)")
     p.add_argument("--cache", type=Path, default=Path("out/toy/recipes"))
     p.add_argument("--grid", choices=list(GRIDS), default="steps-lr",
-                   help="steps-lr: steps x learning rate; prior: with prior preservation")
+                   help="steps-lr: steps x learning rate; prior: with prior preservation; "
+                   "budget: prior preservation at the cost of 300 steps of 4 images; "
+                   "world: images captioned in the world's words")
     cli.add_threads(p)
     args = p.parse_args(argv)
     from toy import evaluate as ev  # the library, and torch, load only now

@@ -63,7 +63,7 @@ def trained(instances, tmp_path_factory):
 # ------------------------------------------------------------------------------------ data
 
 def test_image_folder_skips_and_reports(tmp_path):
-    (tmp_path / "a.txt").write_text("not an image")
+    (tmp_path / "a.doc").write_text("not an image")
     Image.new("RGB", (80, 64), "red").save(tmp_path / "b.jpg")
     (tmp_path / "b.jpg").write_bytes((tmp_path / "b.jpg").read_bytes()[:300])  # truncated
     Image.new("RGB", (48, 40), "blue").save(tmp_path / "c.png")  # smaller than 64
@@ -73,7 +73,7 @@ def test_image_folder_skips_and_reports(tmp_path):
     folder = ImageFolder(tmp_path, 64)
     print(*folder.warnings, sep="\n")
     assert folder.names == ["c.png", "d.jpg"]
-    assert "skipped 2 of 4 files: a.txt (not an image), b.jpg (truncated)" in folder.warnings[0]
+    assert "skipped 2 of 4 files: a.doc (not an image), b.jpg (truncated)" in folder.warnings[0]
     assert "c.png (48x40)" in folder.warnings[1] and "upscaled" in folder.warnings[1]
     assert folder.images[0].shape == (3, 64, 77)  # shorter side to 64, aspect kept
     assert folder.images[1].shape == (3, 128, 64)  # EXIF orientation applied: now portrait
@@ -84,9 +84,26 @@ def test_image_folder_skips_and_reports(tmp_path):
     empty.mkdir()
     with pytest.raises(UsageError, match="empty"):
         ImageFolder(empty, 64)
-    (empty / "x.txt").write_text("no")
-    with pytest.raises(UsageError, match="x.txt \\(not an image\\)"):
+    (empty / "x.doc").write_text("no")
+    with pytest.raises(UsageError, match="x.doc \\(not an image\\)"):
         ImageFolder(empty, 64)
+    (empty / "x.doc").unlink()
+    (empty / "x.txt").write_text("a caption")
+    with pytest.raises(UsageError, match="no images, only captions"):
+        ImageFolder(empty, 64)
+
+
+def test_image_folder_reads_each_images_caption(tmp_path):
+    """NAME.txt beside NAME.png is that image's caption; none, or a blank one, is None."""
+    red_squares(tmp_path, n=3)
+    (tmp_path / "0.txt").write_text("  a photo of sks square on grass\n")
+    (tmp_path / "2.txt").write_text("\n")
+    folder = ImageFolder(tmp_path, 64)
+    assert folder.warnings == []  # a caption is not a skipped file
+    assert folder.captions == ["a photo of sks square on grass", None, None]
+    (tmp_path / "1.txt").write_bytes(b"a photo of \xff")
+    with pytest.raises(UsageError, match="1.txt: not a readable UTF-8 caption"):
+        ImageFolder(tmp_path, 64)
 
 
 def test_two_ranks_split_the_global_batch_of_one():
@@ -108,6 +125,48 @@ def test_dreambooth_loss_decreases(trained):
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     print(f"mean loss of steps 1-10: {first:.4f}, of steps 41-50: {last:.4f}")
     assert last < 0.8 * first
+
+
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_dreambooth_trains_each_image_with_its_caption(tmp_path, monkeypatch, train_text_encoder):
+    """Instance rows carry their image's NAME.txt (else --instance-prompt); class images are
+    drawn from the class prompts in turn, each saved with its prompt, and trained with it."""
+    instances = red_squares(tmp_path / "instances", n=3)
+    own = {"0.png": "a photo of sks square on grass", "2.png": "a photo of sks square at night"}
+    for name, text in own.items():
+        (instances / name).with_suffix(".txt").write_text(text)
+    classes = ["a photo of a red square", "a photo of a blue square"]
+    seen = []
+    real = dreambooth.denoising_loss
+
+    def spy(model, vae, cfg, ac, images, text, d):
+        seen.append(text.detach().clone())
+        return real(model, vae, cfg, ac, images, text, d)
+
+    monkeypatch.setattr(dreambooth, "denoising_loss", spy)
+    args = db_args(instances, tmp_path / "db", steps=4, batch_size=2, checkpoint_every=0,
+                   train_text_encoder=train_text_encoder, class_prompt=classes,
+                   class_dir=tmp_path / "class", num_class_images=2)
+    pipe = dreambooth.train(args).pipe
+    assert [(tmp_path / "class" / f"class-0000{k}.txt").read_text() for k in range(2)] == \
+        [f"{c}\n" for c in classes]
+    # what each row must be: the prompt's ids, or (frozen encoder) its embedding, which the
+    # trained model's encoder still gives as it was not trained
+    instance = [*own.values(), args.instance_prompt]
+    code = (lambda p: pipe.tokenizer([p])[0]) if train_text_encoder else \
+        (lambda p: pipe.models.text_encoder(pipe.tokenizer([p]))[0])
+    with torch.no_grad():
+        want = {p: code(p) for p in instance + classes}
+
+    def which(row: torch.Tensor) -> str:
+        found = [p for p, w in want.items() if torch.allclose(row, w, rtol=0, atol=1e-6)]
+        assert len(found) == 1, "a row is no one prompt's text"
+        return found[0]
+
+    rows = [[which(r) for r in text] for text in seen]
+    assert len(rows) == 4 and all(len(r) == 4 for r in rows)
+    assert {p for r in rows for p in r[:2]} == set(instance)  # 8 draws of 3 images: all seen
+    assert {p for r in rows for p in r[2:]} == set(classes)
 
 
 def test_checkpoint_loads_in_diffusers_and_ours(trained):
@@ -196,7 +255,8 @@ def test_two_process_ddp_matches_one_process(instances, tmp_path):
     red_squares(tmp_path / "class", n=1)  # one class image cached already: generate only one
     s = db_args(instances, tmp_path / "ddp", batch_size=1, **common)
     mp.spawn(_ddp_worker, (2, _free_port(), s, str(tmp_path)), nprocs=2)
-    assert [f.name for f in sorted((tmp_path / "class").iterdir())] == ["0.png", "class-00000.png"]
+    assert [f.name for f in sorted((tmp_path / "class").iterdir())] == ["0.png", "class-00000.png",
+                                                                      "class-00000.txt"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = dreambooth.train(db_args(instances, tmp_path / "one", batch_size=2,
                                       **common)).pipe.models
@@ -283,3 +343,8 @@ def test_help_and_clear_errors(instances, tmp_path, capsys):
     assert '"<my-dog>"' in capsys.readouterr().err
     with pytest.raises(UsageError, match="--steps: give 1 or more"):  # Python callers too
         dreambooth.train(db_args(instances, tmp_path / "x", steps=0))
+    many = train_cli.dreambooth_parser().parse_args(
+        [str(instances), "--instance-prompt", "x", "--class-prompt", "a", "--class-prompt", "b"])
+    assert DreamBoothSettings.of(many).class_prompts == ["a", "b"]  # repeated: used in turn
+    with pytest.raises(UsageError, match="--class-prompt: give a prompt, not an empty one"):
+        db_args(instances, tmp_path / "x", class_prompt=["a", " "], class_dir=tmp_path).check()

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from sd.files import atomic_write
-from toy.scenes import SIZE, Scene, Subject, ground, render
+from toy.scenes import SIZE, Scene, Subject, backdrop, ground, render, train_scene
+from toy.scenes import caption as scene_caption
 
 # name -> (class word, the concept's subject at unit pose)
 CONCEPTS: dict[str, tuple[str, Subject]] = {
@@ -80,13 +81,41 @@ def prompt(name: str, token: str = "sks") -> str:
     return f"a photo of {token} {CONCEPTS[name][0]}"
 
 
-def write(name: str, folder: str | Path, count: int = REFERENCES) -> list[Path]:
-    """Save a concept's reference images as PNGs (an image folder for train.dreambooth)."""
+def caption(name: str, index: int, token: str = "sks") -> str:
+    """View `index` in the world's words with the concept's token for its subject: "a photo of
+    sks star on a black and green striped background" (what the world's captions say of a
+    scene, less the colours and texture that the token stands for)."""
+    return f"{prompt(name, token)} on {backdrop(concept_scene(name, index))}"
+
+
+def class_captions(word: str, count: int) -> list[str]:
+    """Captions of the first `count` one-subject training scenes whose subject is a `word`
+    ("a photo of a red star with white stripes on a blue background"): the class in the words
+    the base model learnt, for prior preservation's images."""
+    out, i = [], 0
+    while len(out) < count:
+        scene = train_scene(i)
+        if len(scene.subjects) == 1 and scene.subjects[0].shape == word:
+            out.append(scene_caption(scene))
+        i += 1
+    return out
+
+
+def write(name: str, folder: str | Path, count: int = REFERENCES,
+          captions: bool = False) -> list[Path]:
+    """Save a concept's reference images as PNGs (an image folder for train.dreambooth), with
+    `captions`, each with its caption (`caption`) as NAME.txt beside it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i, (image, _) in enumerate(references(name, count)):
         files.append(folder / f"{name}-{i}.png")
+        text = folder / f"{name}-{i}.txt"
+        if captions:
+            with atomic_write(text) as tmp:
+                tmp.write_text(caption(name, i) + "\n")
+        else:
+            text.unlink(missing_ok=True)
         with atomic_write(files[-1]) as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
     return files

@@ -75,11 +75,14 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     base = digest(weights)
     folder = root / f"{name}-{base[:8]}"
     pictures = hashlib.sha256(b"".join(im.tobytes() for im, _ in concepts.references(name)))
-    d = DREAMBOOTH if recipe is None else recipe  # the recipe: DreamBoothSettings' fields
+    d = DREAMBOOTH if recipe is None else recipe  # the recipe: DreamBoothSettings' fields,
+    world = d.get("captions") == "world"  # and how the images are captioned (CAPTIONS)
     if "num_class_images" in d:  # prior preservation: the class images, shared by concepts
         word = concepts.CONCEPTS[name][0]  # of one class word and base model
-        d = {"class_prompt": f"a photo of {scenes.article(word)} {word}",
-             "class_dir": str(root / f"class-{word}-{base[:8]}"), **d}
+        prompts = (concepts.class_captions(word, d["num_class_images"]) if world else
+                   f"a photo of {scenes.article(word)} {word}")
+        d = {"class_prompt": prompts, "class_dir":
+             str(root / f"class-{word}{'-world' if world else ''}-{base[:8]}"), **d}
     recipe = {"concept": name, "base": base, "references": pictures.hexdigest()[:16], **d}
     stamp = folder / "recipe.json"
     if (folder / "model" / "MODEL").is_file() and stamp.is_file():
@@ -88,7 +91,8 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     from train import dreambooth  # noqa: PLC0415 (only when training)
 
     refs = folder / "references"
-    concepts.write(name, refs)
+    concepts.write(name, refs, captions=world)
+    d = {k: v for k, v in d.items() if k != "captions"}
     dreambooth.train(DreamBoothSettings(instance_dir=refs, instance_prompt=concepts.prompt(name),
                                         weights=weights, out=folder, checkpoint_every=0, keep=1,
                                         quiet=quiet, **d))

@@ -36,7 +36,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 class ImageFolder:
-    """A folder's images in memory, uint8 [3, H, W], each resized so min(H, W) == resolution.
+    """A folder's images in memory, uint8 [3, H, W], each resized so min(H, W) == resolution,
+    and their captions: the text of NAME.txt beside NAME.png, where there is one (else None).
 
     Checked once, up front: unreadable and non-image files are skipped, and so are images more
     than MAX_ASPECT times as wide as high or the reverse (a random square of 12800x1 shows
@@ -48,12 +49,15 @@ class ImageFolder:
         folder = Path(folder)
         if not folder.is_dir():
             raise UsageError(f"{folder}: no such folder; pass the folder that holds the images")
-        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        every = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        files = [f for f in every if f.suffix.lower() != ".txt"]  # captions go with images
         if not files:
-            raise UsageError(f"{folder}: the folder is empty; put the images (jpg, png, webp, "
-                             "...) in it")
+            raise UsageError(f"{folder}: " + ("no images, only captions (.txt)" if every else
+                             "the folder is empty") + "; put the images (jpg, png, webp, ...) "
+                             "in it")
         self.images: list[torch.Tensor] = []
         self.names: list[str] = []
+        self.captions: list[str | None] = []
         self.warnings: list[str] = []
         skipped, small = [], []
         for f in files:
@@ -80,6 +84,7 @@ class ImageFolder:
             image = image.resize(size, Image.Resampling.LANCZOS)
             self.images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
             self.names.append(f.name)
+            self.captions.append(caption(f.with_suffix(".txt")))
         if skipped:
             self.warnings.append(f"{folder}: skipped {len(skipped)} of {len(files)} files: "
                                  + ", ".join(skipped))
@@ -107,6 +112,17 @@ class ImageFolder:
             crop = image[:, top : top + resolution, left : left + resolution]
             out.append(crop.flip(-1) if flip and uf < 0.5 else crop)
         return torch.stack(out).float() / 127.5 - 1
+
+
+def caption(file: Path) -> str | None:
+    """An image's caption file read, None where there is none (or it is blank)."""
+    if not file.is_file():
+        return None
+    try:
+        return file.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{file}: not a readable UTF-8 caption ({e}); fix or delete it (an "
+                         "image's NAME.txt is its training prompt)") from None
 
 
 def examples(n: int, seed: int, positions: torch.Tensor) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sd.files import atomic_write
 from sd.images import save_image
 from sd.pipeline import Pipeline
 from sd.weights import FILES
@@ -35,9 +36,10 @@ from train.loop import (
 from train.settings import DreamBoothSettings
 
 
-def class_images(pipe: Pipeline, prompt: str, folder: Path, count: int, side: int, run: Run,
-                 precision: str) -> None:
-    """Fill `folder` up to `count` images of `prompt`; class-K.png is drawn from seed K."""
+def class_images(pipe: Pipeline, prompts: list[str], folder: Path, count: int, side: int,
+                 run: Run, precision: str) -> None:
+    """Fill `folder` up to `count` images; class-K.png is drawn from seed K and prompt K mod
+    len(prompts), which is saved beside it as class-K.txt (its caption)."""
     folder.mkdir(parents=True, exist_ok=True)
     have = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir())
     names, k = [], 0
@@ -48,10 +50,13 @@ def class_images(pipe: Pipeline, prompt: str, folder: Path, count: int, side: in
     chunks = [names[i : i + 4] for i in range(0, len(names), 4)]
     for chunk in tqdm(chunks, desc="class images", disable=run.quiet):
         seeds = [int(n[6:11]) for n in chunk]
+        texts = [prompts[s % len(prompts)] for s in seeds]
         latents = torch.cat([pipe.noise(1, side, side, s) for s in seeds])
         with run.autocast(precision):
-            images = pipe([prompt] * len(chunk), latents=latents)
-        for image, name in zip(images, chunk):
+            images = pipe(texts, latents=latents)
+        for image, name, text in zip(images, chunk, texts):
+            with atomic_write(folder / f"{name[:-4]}.txt") as tmp:  # before its image: the
+                tmp.write_text(text + "\n")  # image is what says "done"
             save_image(image, folder / name)  # atomic: a killed run never leaves half a PNG
 
 
@@ -65,7 +70,7 @@ def prior_images(args: DreamBoothSettings, pipe: Pipeline, run, side: int) -> Im
     """The class images of prior preservation: generated into --class-dir where missing (by the
     main process; the others wait), then read."""
     if run.main:
-        class_images(pipe, args.class_prompt, args.class_dir, args.num_class_images, side, run,
+        class_images(pipe, args.class_prompts, args.class_dir, args.num_class_images, side, run,
                      args.precision)
     run.barrier()
     classes = ImageFolder(args.class_dir, side, limit=args.num_class_images)
@@ -94,13 +99,22 @@ def train(args: DreamBoothSettings) -> Result:
     m.unet.set_checkpointing(args.checkpointing)
     model = Denoiser(m.unet, trained.get("text_encoder"))
 
-    # Rows are [instance x b, class x b]; the prompts are fixed, so a frozen encoder runs once.
+    # Rows are [instance x b, class x b], each with its image's caption or the folder's prompt;
+    # a frozen encoder encodes each distinct prompt once.
     parts, b = (2 if classes else 1), args.batch_size
-    ids = pipe.tokenizer([args.instance_prompt] + ([args.class_prompt] if classes else []))
-    text = ids.to(run.device).repeat_interleave(b, dim=0)
-    if not args.train_text_encoder:
+    frozen: dict[str, torch.Tensor] = {}
+
+    def text(prompts: list[str]) -> torch.Tensor:
+        if args.train_text_encoder:
+            return pipe.tokenizer(prompts).to(run.device)  # encoded in the Denoiser, with grad
         with torch.no_grad():
-            text = m.text_encoder(text)
+            for p in set(prompts) - frozen.keys():
+                frozen[p] = m.text_encoder(pipe.tokenizer([p]).to(run.device))[0]
+        return torch.stack([frozen[p] for p in prompts])
+
+    def prompts(folder: ImageFolder, index: list[int], default: str) -> list[str]:
+        return [folder.captions[i % len(folder)] or default for i in index]
+
     n = max(len(instances), len(classes) if classes else 0)  # as diffusers' DreamBoothDataset
     latent = (cfg.unet.in_channels, side // cfg.vae.factor, side // cfg.vae.factor)
 
@@ -108,9 +122,12 @@ def train(args: DreamBoothSettings) -> Result:
         d = draw(gen, micro, b, run, parts, latent, cfg.schedule.train_steps)
         index = examples(n, args.seed, d.positions)
         x = [instances.batch(index, d.u[0], side, args.center_crop, args.flip)]
+        words = prompts(instances, index, args.instance_prompt)
         if classes:
             x.append(classes.batch(index, d.u[1], side, args.center_crop, args.flip))
-        rows = denoising_loss(model, m.vae, cfg, pipe.ac, torch.cat(x).to(run.device), text, d)
+            words += prompts(classes, index, args.class_prompts[0])
+        rows = denoising_loss(model, m.vae, cfg, pipe.ac, torch.cat(x).to(run.device),
+                              text(words), d)
         if classes:  # prior preservation, Ruiz et al. eq. 2
             return rows[:b].mean() + args.prior_weight * rows[b:].mean()
         return rows.mean()

@@ -110,19 +110,29 @@ class DreamBoothSettings(TrainerSettings):
     lr: float = 1e-6
     instance_prompt: str  # "a photo of sks dog"
     train_text_encoder: bool = False  # fine-tune the text encoder too, at the same lr
-    class_prompt: str | None = None  # prior preservation: "a photo of a dog"
+    # prior preservation: "a photo of a dog"; several prompts are used in turn (class image K is
+    # drawn from prompt K mod their number, which is saved beside it as its caption)
+    class_prompt: str | list[str] | None = None
     class_dir: Path | None = None  # where class images are (or get) cached
     num_class_images: int = 100
     prior_weight: float = 1.0  # prior loss weight
 
     def problems(self) -> list[str]:
         class_dir = self.class_dir and unwritable(self.class_dir, folder=True)
-        found = [(bool(self.class_prompt) and self.class_dir is None,
+        found = [(self.class_prompt is not None and not all(p.strip() for p in self.class_prompts),
+                  "--class-prompt: give a prompt, not an empty one"),
+                 (bool(self.class_prompt) and self.class_dir is None,
                   "--class-prompt needs --class-dir, where class images are cached"),
                  (bool(class_dir), f"--class-dir: {class_dir}"),
                  (self.num_class_images < 1, "--num-class-images: give 1 or more"),
                  (not 0 <= self.prior_weight < math.inf, "--prior-weight: give 0 or more")]
         return super().problems() + [message for failed, message in found if failed]
+
+    @property
+    def class_prompts(self) -> list[str]:
+        """--class-prompt as a list (empty without prior preservation)."""
+        p = self.class_prompt
+        return [] if p is None else [p] if isinstance(p, str) else list(p)
 
 
 @dataclass(kw_only=True)
