@@ -181,6 +181,31 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     assert (model / "unet").stat().st_mtime_ns != made
 
 
+def test_concept_model_in_world_captions_each_image(tmp_path, monkeypatch):
+    """The recipe's "captions": "world": each reference trained with its own background in the
+    world's words, the class images drawn from the world's captions of the class, each kept
+    beside its image (bench.dreambooth_recipes --grid world)."""
+    if not (WEIGHTS / "unet").is_dir():
+        pytest.skip(f"no trained toy model at {WEIGHTS} (no unet/)")
+    from toy import concepts  # noqa: PLC0415
+    from toy import swap as toy  # noqa: PLC0415
+
+    monkeypatch.setattr(toy, "DREAMBOOTH", {**toy.DREAMBOOTH, "steps": 1, "batch_size": 1,
+                                            "num_class_images": 2, "captions": "world"})
+    model = toy.concept_model("notched-ring", WEIGHTS, tmp_path)
+    refs = sorted((model.parent / "references").glob("*.txt"))
+    assert [f.read_text() for f in refs] == [f"{concepts.caption('notched-ring', i)}\n"
+                                             for i in range(concepts.REFERENCES)]
+    assert refs[0].read_text().startswith("a photo of sks ring on ")
+    (classes,) = tmp_path.glob("class-ring-world-*")
+    assert [(classes / f"class-0000{k}.txt").read_text() for k in range(2)] == \
+        [f"{c}\n" for c in concepts.class_captions("ring", 2)]
+    from toy.scenes import parse  # noqa: PLC0415
+
+    assert [[shape for _, shape in parse(c)["subjects"]] for c in concepts.class_captions(
+        "ring", 8)] == [["ring"]] * 8  # one subject, a ring
+
+
 def test_metrics_json_holds_an_exact_background_as_null():
     import json  # noqa: PLC0415
 
