@@ -63,15 +63,20 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("weights/toy"))
     p.add_argument("--judge", type=Path, default=Path("weights/toy/judge.safetensors"))
-    p.add_argument("--samples", type=int, default=96, help="adherence samples (default 96)")
-    p.add_argument("--scenes", type=int, default=16, help="inverted scenes (default 16)")
-    p.add_argument("--outside", type=int, default=16,
-                   help="inverted scenes of the second renderer, toy/outside.py (default 16)")
+    p.add_argument("--samples", type=int, default=96,
+                   help="adherence samples (default 96; 0: no adherence)")
+    p.add_argument("--scenes", type=int, default=16,
+                   help="inverted scenes (default 16; 0: none)")
+    p.add_argument("--outside", type=int, default=16, help="inverted scenes of the second "
+                   "renderer, toy/outside.py (default 16; 0: none)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 5.0],
                    help="CFG scales for adherence; the first also for inversion")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    for name in ("samples", "scenes", "outside", "steps", "threads"):
+        if getattr(a, name) < (1 if name in ("steps", "threads") else 0):
+            p.error(f"--{name}: give {'1' if name in ('steps', 'threads') else '0'} or more")
     import torch
 
     from sd.pipeline import Pipeline
@@ -84,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     out = {"weights": str(a.weights), "steps": a.steps, "samples": a.samples, "adherence": [
         {"guidance": g, **judgelib.adherence(pipe, judge, a.samples, a.steps, g)[0]}
-        for g in a.guidance]}
-    out["inversion"] = inversion(pipe, held_out(a.scenes), a.steps, a.guidance[0])
-    out["inversion outside"] = inversion(pipe, [outside.scene(i) for i in range(a.outside)],
-                                         a.steps, a.guidance[0])
+        for g in a.guidance if a.samples]}
+    if a.scenes:
+        out["inversion"] = inversion(pipe, held_out(a.scenes), a.steps, a.guidance[0])
+    if a.outside:
+        out["inversion outside"] = inversion(pipe, [outside.scene(i) for i in range(a.outside)],
+                                             a.steps, a.guidance[0])
     out["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(out, indent=1))
 

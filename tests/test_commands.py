@@ -127,3 +127,12 @@ def test_no_import_circles():
     for m in sorted(mods):
         if m not in state:
             visit(m, [])
+
+
+def test_bench_toy_refuses_a_negative_count_before_loading_anything(capsys):
+    """0 skips a part (--samples 0: no adherence); a negative count is a one-line error."""
+    from bench import toy  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--samples", "-1"])
+    assert e.value.code == 2 and "--samples: give 0 or more" in capsys.readouterr().err
