@@ -75,8 +75,10 @@ def concept_model(name: str, weights: Path, root: Path = Path("out/toy/concepts"
     base = digest(weights)
     folder = root / f"{name}-{base[:8]}"
     pictures = hashlib.sha256(b"".join(im.tobytes() for im, _ in concepts.references(name)))
-    d = DREAMBOOTH if recipe is None else recipe  # the recipe: DreamBoothSettings' fields,
-    world = d.get("captions") == "world"  # and how the images are captioned (CAPTIONS)
+    d = DREAMBOOTH if recipe is None else recipe  # the recipe: DreamBoothSettings' fields;
+    # "captions": "world" captions each image in the world's words (concepts.caption,
+    # concepts.class_captions) instead of one prompt per folder
+    world = d.get("captions") == "world"
     if "num_class_images" in d:  # prior preservation: the class images, shared by concepts
         word = concepts.CONCEPTS[name][0]  # of one class word and base model
         prompts = (concepts.class_captions(word, d["num_class_images"]) if world else
