@@ -17,17 +17,18 @@ from sd.config import TOY, InversionSettings
 from sd.images import psnr
 from sd.inversion import ddim_inversion, invert, reconstruct
 from sd.pipeline import Pipeline
-from toy import concepts, scenes
+from toy import scenes
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
-# DreamBooth amplifies rounding: at the recipe's 2e-3 a concept's identity over these 12 contexts
-# moves by up to 0.6 between CPU kernels (ATEN_CPU_CAPABILITY default vs AVX-512 here, measured
-# 2026-12-07): notched-ring "sks ring" -0.067 / 0.560, striped-heart "sks heart" 0.398 / 0.103.
-# two-tone-square holds on both: "sks square" 0.308 / 0.393 DreamBooth'd, -0.118 untuned, "a
-# square" -0.056 / -0.145 DreamBooth'd; so the test takes it. Without prior preservation the
-# class word drifts to the concept; tests/mutants.py checks the class bound catches it.
+# DreamBooth amplifies rounding: its samples' identity moves by up to 0.19 between CPU kernels
+# (ATEN_CPU_CAPABILITY default vs AVX-512 here). So the test takes striped-heart, the concept
+# EVAL.md finds DreamBooth teaching most clearly, over 12 contexts: "sks heart" 0.266 / 0.325
+# DreamBooth'd (AVX-512 / default kernels), -0.053 / -0.053 untuned, "a heart" -0.091 / -0.012
+# DreamBooth'd. (dotted-star, the weakest concept, over 6 contexts: 0.141 / -0.047 DreamBooth'd
+# against 0.021 untuned.) Without prior preservation the class word drifts to the concept:
+# dotted-star's "sks star" and "a star" scored 0.208 and 0.120 (300 steps at 1e-3), 0.114 and
+# 0.147 (the first recipe, 150 at 5e-4); tests/mutants.py checks the class bound catches it.
 DREAMBOOTH_GAIN, CLASS_GAIN = 0.05, 0.15
-NAME = "two-tone-square"  # see above
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet").is_dir(),
                                 reason="weights/toy has no unet/ (make toy trains it)")
 
@@ -78,12 +79,12 @@ def test_dreambooth_teaches_a_concept(pipe, tmp_path):
     from toy import swap as toy  # noqa: PLC0415
     from toy.evaluate import contexts, sample_identity  # noqa: PLC0415
 
-    name, word = NAME, concepts.CONCEPTS[NAME][0]
+    name = "striped-heart"
     tuned = toy.toy_pipeline(toy.concept_model(name, WEIGHTS, root=tmp_path))
     m = toy.measure(name, WEIGHTS)
     backgrounds = contexts(name, 12)
     sks, untuned, cls = (sample_identity(p, words, backgrounds, m) for p, words in
-                         ((tuned, f"sks {word}"), (pipe, f"sks {word}"), (tuned, f"a {word}")))
-    print(f"{name}, identity over 12 contexts: 'sks {word}' DreamBooth'd {sks:.3f}, untuned "
-          f"{untuned:.3f}; 'a {word}' DreamBooth'd {cls:.3f}")
+                         ((tuned, "sks heart"), (pipe, "sks heart"), (tuned, "a heart")))
+    print(f"identity over 12 contexts: 'sks heart' DreamBooth'd {sks:.3f}, untuned "
+          f"{untuned:.3f}; 'a heart' DreamBooth'd {cls:.3f}")
     assert sks > untuned + DREAMBOOTH_GAIN and sks > cls + CLASS_GAIN

@@ -181,23 +181,6 @@ def test_concept_model_is_cached_and_retrained_when_the_recipe_changes(tmp_path,
     assert (model / "unet").stat().st_mtime_ns != made
 
 
-def test_the_target_prompt_names_the_concept_as_dreambooth_taught_it():
-    """"a photo of sks star on ...": the swapped subject's article goes with it (with "a sks
-    star" the DreamBooth'd model draws the concept far less); a second subject stays."""
-    from toy import concepts, scenes  # noqa: PLC0415
-    from toy import swap as toy  # noqa: PLC0415
-
-    scene = scenes.test_scene(4, toy.TWO)
-    target, words = toy.target_prompt(toy.source(4), "dotted-star")
-    assert words == "sks star" and len(scene.subjects) == 1
-    assert target == f"{concepts.prompt('dotted-star')} on {scenes.backdrop(scene)}"
-    k = next(i for i in range(64) if len(scenes.test_scene(i, toy.TWO).subjects) == 2)
-    scene = scenes.test_scene(k, toy.TWO)
-    kept = scenes.noun(scene.subjects[1])
-    assert toy.target_prompt(toy.source(k), "notched-ring")[0] == (
-        f"a photo of sks ring and {scenes.article(kept)} {kept} on {scenes.backdrop(scene)}")
-
-
 def test_concept_model_in_world_captions_each_image(tmp_path, monkeypatch):
     """The recipe's "captions": "world": each reference trained with its own background in the
     world's words, the class images drawn from the world's captions of the class, each kept

@@ -7,7 +7,7 @@ TWO = 0.25  # the share of two-subject scenes among the benchmark's sources (toy
 DEMO = ("dotted-star", 4)
 # DreamBooth on the toy model, as DreamBoothSettings' fields (how it was chosen: weights/toy/
 # README.md, "DreamBooth and the swap"; python -m bench.dreambooth_recipes compares others).
-DREAMBOOTH = {"steps": 300, "lr": 2e-3, "batch_size": 4, "train_text_encoder": True, "seed": 0,
+DREAMBOOTH = {"steps": 300, "lr": 1e-3, "batch_size": 4, "train_text_encoder": True, "seed": 0,
               "num_class_images": 50}  # with prior preservation: 50 images of "a photo of a CLASS"
 # DreamBooth's acceptance in make eval-toy: this many backgrounds per concept, drawn from
 # this seed (bench.dreambooth_recipes draws its own from another).

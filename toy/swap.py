@@ -121,17 +121,9 @@ def toy_pipeline(weights: Path) -> Pipeline:
 
 
 def target_prompt(src: Source, concept: str) -> tuple[str, str]:
-    """(target prompt, concept words): "a photo of sks star on a black striped background"."""
+    """(target prompt, concept words): "a photo of a sks star on a black striped background"."""
     words = f"sks {concepts.CONCEPTS[concept][0]}"
-    return target_caption(src, words), words
-
-
-def target_caption(src: Source, words: str) -> str:
-    """The source's caption with its swapped subject, article and all, replaced by `words`: "a
-    photo of sks star on ...", the form DreamBooth was taught (concepts.prompt). With the
-    article kept ("a photo of a sks star") the DreamBooth'd model draws the concept far less
-    (weights/toy/README.md, "DreamBooth and the swap")."""
-    return replace_words(src.caption, [f"{scenes.article(src.subject)} {src.subject}"], [words])
+    return replace_words(src.caption, [src.subject], [words]), words
 
 
 def invert_source(pipe: Pipeline, src: Source, steps: int = STEPS, guidance: float = GUIDANCE,
@@ -148,7 +140,7 @@ def swaps(pipe: Pipeline, srcs: list[Source], invs: list[Inversion], words: list
     The methods' settings derive from `base` (photoswap/swap.py method_settings)."""
     pairs = []
     for src, inv, w in zip(srcs, invs, words):
-        target = target_caption(src, w)
+        target = replace_words(src.caption, [src.subject], [w])
         pairs.append(Pair(src.caption, target, [src.subject], [w], inv.x_T, inv.uncond))
     out: dict[str, list[np.ndarray]] = {}
     for method in methods:
